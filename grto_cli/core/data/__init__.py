@@ -1,0 +1,1 @@
+"""Normalised records, manifests, masks and one reader per data source."""

@@ -1,0 +1,106 @@
+"""The `grto` command line: parse, load params, call a stage. Nothing else lives here."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import typer
+
+# Nothing may download at run time: the hub is off unless the user turns it on explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train reasoning/referring segmentation (VLM policy + SAM tool) with GRPO, GRTO and B-GRTO.")
+
+PARAMS = typer.Option("params.yaml", "--params", help="Params file with one section per stage.")
+SET = typer.Option(None, "--set", help="Override a param, dotted from the top of params.yaml: --set evaluate.batch_size=8")
+
+
+def _run(stage_fn, *args, **kwargs):
+    """Run a stage; known input errors become one clear message and exit code 2, not a traceback."""
+    from grto_cli.core.data.records import DataError
+    from grto_cli.stages.common import ConfigError, console
+
+    try:
+        return stage_fn(*args, **kwargs)
+    except (DataError, ConfigError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def prepare(
+    dataset: str = typer.Argument(..., help="synthetic, refcoco, refcoco+, refcocog, reasonseg, cod10k, nc4k, earthreason, custom"),
+    raw: Optional[str] = typer.Option(None, help="Root of the raw dataset on local disk (real datasets)."),
+    out: Optional[str] = typer.Option(None, help="Output directory (default data/prepared/<dataset>)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (synthetic)."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on any skipped item instead of skip-and-count."),
+    query_kind: Optional[str] = typer.Option(None, help="reasonseg: short | long | all."),
+    params: str = PARAMS, set_: Optional[List[str]] = SET,
+):
+    """Read a dataset from its published on-disk layout into normalised JSONL manifests."""
+    from grto_cli.stages import prepare as stage
+
+    _run(stage.run, params, set_, dataset=dataset, raw=raw, out=out, seed=seed, strict=strict, query_kind=query_kind)
+
+
+@app.command()
+def pretrain(out: Optional[str] = typer.Option(None, help="Output checkpoint directory."),
+             params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """Build and train the embedded default's tiny base models (stands in for pretrained checkpoints)."""
+    from grto_cli.stages import pretrain as stage
+
+    _run(stage.run, params, set_, out=out)
+
+
+@app.command()
+def evaluate(
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (e.g. testA, testB, val, test)."),
+    checkpoint: Optional[str] = typer.Option(None, help="System directory with policy/ and tool/."),
+    out: Optional[str] = typer.Option(None, help="Metrics JSON path; predictions.jsonl and overlays.png go beside it."),
+    data: Optional[str] = typer.Option(None, help="Prepared dataset directory."),
+    params: str = PARAMS, set_: Optional[List[str]] = SET,
+):
+    """Run policy -> parse -> tool -> mask on a split and write metrics, predictions and overlays."""
+    from grto_cli.stages import evaluate as stage
+
+    _run(stage.run, params, set_, split=split, checkpoint=checkpoint, out=out, data=data)
+
+
+def _not_yet(command: str, issue: int) -> None:
+    from grto_cli.stages.common import console
+
+    console.print(f"[red]`grto {command}` is not implemented yet[/red]: it is tracked in issue #{issue}.")
+    raise typer.Exit(3)
+
+
+@app.command()
+def bootstrap(params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """B-GRTO: pre-train the tool on cached rollouts of the frozen initial policy."""
+    _not_yet("bootstrap", 3)
+
+
+@app.command()
+def train(method: Optional[str] = typer.Option(None, help="grpo | grto | b-grto"),
+          params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """RL training of policy (and tool) with GRPO, GRTO or B-GRTO."""
+    _not_yet("train", 3)
+
+
+@app.command()
+def export(params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """Write a self-contained bundle: policy, processor, SAM state dict and grto.yaml."""
+    _not_yet("export", 3)
+
+
+@app.command()
+def predict(bundle: str = typer.Option(...), image: str = typer.Option(...), query: str = typer.Option(...),
+            out: str = typer.Option(...)):
+    """Segment one image from a query with an exported bundle."""
+    _not_yet("predict", 3)
+
+
+if __name__ == "__main__":
+    app()

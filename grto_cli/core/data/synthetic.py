@@ -1,0 +1,195 @@
+"""Deterministic synthetic referring-segmentation scenes that need reasoning, not colour matching.
+
+Each image holds several coloured shapes (some overlapping; the target's mask is its *visible*
+pixels). Each record asks for exactly one shape by one of five query kinds:
+
+- attribute   "the green triangle"
+- relation    "the shape left of the red circle"
+- superlative "the largest blue shape" / "the smallest square"
+- only        "the only square" / "the only yellow shape"
+- negation    "the shape that is not red"
+
+Every query carries a *composition* key. testB holds out a fixed set of attribute and relation
+compositions that never occur in train/val/testA, so it measures out-of-distribution
+generalisation; testA draws from the same compositions as train (seen compositions, new scenes).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from grto_cli.core.data.records import Record, record_from_mask
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+}
+KINDS = ("circle", "square", "triangle")
+RELATIONS = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+SPLITS = ("train", "val", "testA", "testB")
+QUERY_KINDS = ("attribute", "relation", "superlative", "only", "negation")
+
+# Compositions that only testB asks about: two colour+kind phrases as attribute queries, and two
+# relation+anchor-kind pairs as relation queries. They still *appear* in train images; only the
+# way of asking for them is new.
+HELD_OUT_COMPOSITIONS = frozenset({
+    "attribute:yellow triangle",
+    "attribute:blue circle",
+    "relation:above:square",
+    "relation:left of:triangle",
+})
+
+MIN_VISIBLE_PIXELS = 24
+# A relation holds only with this much separation between centres, so it is unambiguous to a viewer.
+RELATION_MARGIN = 4.0
+# The largest/smallest shape must beat the runner-up by this area ratio.
+SUPERLATIVE_RATIO = 1.4
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: float
+    cy: float
+    size: float  # half-extent in pixels
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    target: int  # index into the scene's shapes
+    kind: str
+    composition: str
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
+    x, y, s = shape.cx, shape.cy, shape.size
+    if shape.kind == "circle":
+        draw.ellipse([x - s, y - s, x + s, y + s], fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    else:
+        draw.polygon([(x, y - s), (x - s, y + s), (x + s, y + s)], fill=fill)
+
+
+def render_scene(shapes: list[Shape], size: int, background: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Paint shapes in order; return the RGB image and each shape's visible mask."""
+    canvas = Image.new("RGB", (size, size), (background,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    owner = np.full((size, size), -1, dtype=np.int16)
+    for i, shape in enumerate(shapes):
+        _draw_shape(draw, shape, COLORS[shape.color])
+        layer = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(layer), shape, 255)
+        owner[np.asarray(layer) > 0] = i  # later shapes occlude earlier ones
+    return np.asarray(canvas), [owner == i for i in range(len(shapes))]
+
+
+def _sample_shapes(rng: np.random.Generator, size: int, n: int) -> list[Shape]:
+    shapes = []
+    for _ in range(n):
+        s = float(rng.uniform(0.08, 0.2) * size)
+        shapes.append(Shape(kind=str(rng.choice(KINDS)), color=str(rng.choice(list(COLORS))),
+                            cx=float(rng.uniform(s, size - s)), cy=float(rng.uniform(s, size - s)), size=s))
+    return shapes
+
+
+def _relation_holds(rel: str, shape: Shape, anchor: Shape) -> bool:
+    dx, dy = shape.cx - anchor.cx, shape.cy - anchor.cy
+    return {"left": dx < -RELATION_MARGIN and abs(dy) < abs(dx),
+            "right": dx > RELATION_MARGIN and abs(dy) < abs(dx),
+            "above": dy < -RELATION_MARGIN and abs(dx) < abs(dy),
+            "below": dy > RELATION_MARGIN and abs(dx) < abs(dy)}[rel]
+
+
+def candidate_queries(shapes: list[Shape], areas: list[int]) -> list[Query]:
+    """Every query this scene answers with exactly one visible shape."""
+    out: list[Query] = []
+    visible = [a >= MIN_VISIBLE_PIXELS for a in areas]
+    idx = range(len(shapes))
+
+    def unique(pred) -> int | None:
+        hits = [i for i in idx if pred(shapes[i])]
+        return hits[0] if len(hits) == 1 and visible[hits[0]] else None
+
+    for color, kind in itertools.product(COLORS, KINDS):
+        t = unique(lambda s: s.color == color and s.kind == kind)
+        if t is not None:
+            out.append(Query(f"the {color} {kind}", t, "attribute", f"attribute:{color} {kind}"))
+    for a in idx:
+        anchor = shapes[a]
+        if unique(lambda s: s.phrase == anchor.phrase) != a:
+            continue  # the anchor itself must be unambiguous
+        for words, rel in RELATIONS.items():
+            t = unique(lambda s: s is not anchor and _relation_holds(rel, s, anchor))
+            if t is not None:
+                out.append(Query(f"the shape {words} the {anchor.phrase}", t, "relation",
+                                 f"relation:{words}:{anchor.kind}"))
+    for attr, values in (("color", list(COLORS)), ("kind", list(KINDS))):
+        for v in values:
+            group = [i for i in idx if getattr(shapes[i], attr) == v]
+            noun = f"{v} shape" if attr == "color" else v
+            if len(group) == 1 and visible[group[0]]:
+                out.append(Query(f"the only {noun}", group[0], "only", f"only:{attr}"))
+            if len(group) >= 2:
+                ranked = sorted(group, key=lambda i: areas[i])
+                if areas[ranked[-1]] >= SUPERLATIVE_RATIO * areas[ranked[-2]] and visible[ranked[-1]]:
+                    out.append(Query(f"the largest {noun}", ranked[-1], "superlative", f"superlative:largest:{attr}"))
+                if areas[ranked[1]] >= SUPERLATIVE_RATIO * max(areas[ranked[0]], 1) and visible[ranked[0]]:
+                    out.append(Query(f"the smallest {noun}", ranked[0], "superlative", f"superlative:smallest:{attr}"))
+    for color in COLORS:
+        t = unique(lambda s: s.color != color)
+        if t is not None and sum(s.color == color for s in shapes) >= 2:
+            out.append(Query(f"the shape that is not {color}", t, "negation", "negation:color"))
+    return out
+
+
+def _allowed(query: Query, split: str) -> bool:
+    held_out = query.composition in HELD_OUT_COMPOSITIONS
+    return held_out if split == "testB" else not held_out
+
+
+def _pick_query(rng: np.random.Generator, queries: list[Query]) -> Query:
+    # Balance query kinds first, so easy attribute queries do not swamp the reasoning ones.
+    kinds = sorted({q.kind for q in queries})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    pool = [q for q in queries if q.kind == kind]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
+                   min_shapes: int = 3, max_shapes: int = 5) -> list[Record]:
+    """Generate ``n`` records for one split, writing images under ``out_dir/images/<split>``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records: list[Record] = []
+    while len(records) < n:
+        shapes = _sample_shapes(rng, size, int(rng.integers(min_shapes, max_shapes + 1)))
+        background = int(rng.integers(150, 246))
+        image, masks = render_scene(shapes, size, background)
+        queries = [q for q in candidate_queries(shapes, [int(m.sum()) for m in masks]) if _allowed(q, split)]
+        if not queries:
+            continue
+        query = _pick_query(rng, queries)
+        i = len(records)
+        rel = f"images/{split}/{i:05d}.png"
+        Image.fromarray(image).save(out_dir / rel, optimize=False)
+        records.append(record_from_mask(
+            f"synthetic-{split}-{i:05d}", rel, query.text, masks[query.target], "synthetic", split,
+            meta={"query_kind": query.kind, "composition": query.composition}))
+    return records

@@ -1,0 +1,270 @@
+"""The policy: any Hugging Face image-text-to-text model that answers with a tool call.
+
+Loading goes through ``from_pretrained`` for the real checkpoints (Qwen2.5-VL first) and for the
+embedded default's tiny model alike. This module also owns the prompt template, generation with an
+explicit sampling configuration (never the checkpoint's own top-k/top-p/repetition defaults),
+per-token log-probs of completions, and the answer parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+from grto_cli.core.tool import ToolCall
+
+# How a model family writes coordinates: absolute pixels of the image the processor resized
+# (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
+COORD_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000"}
+DEFAULT_TEMPLATE = ("Please find \"{query}\" in the image. Think it through in <think> </think>, then give one "
+                    "box and one point inside the object as <answer>{{\"bbox\": [x1, y1, x2, y2], "
+                    "\"points\": [[x, y]]}}</answer>.")
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>", re.DOTALL)
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    processor: object
+    coord_convention: str
+    prompt_template: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+                coord_convention: str | None = None) -> Policy:
+    """Load a VLM and its processor by local path or hub id (offline: the hub cache only)."""
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"policy directory {local} has no config.json (expected a `save_pretrained` "
+                                f"directory: config.json, model weights, tokenizer and processor files)")
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"  # generation and batched log-probs both need left padding
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype,
+                                                        trust_remote_code=trust_remote_code)
+    model.to(device)
+    model_type = getattr(model.config, "model_type", "")
+    convention = coord_convention or COORD_CONVENTIONS.get(model_type, "absolute")
+    return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template)
+
+
+def prompt_text(policy: Policy, query: str) -> str:
+    messages = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": policy.prompt_template.format(query=query)}]}]
+    return policy.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(policy: Policy, images: Sequence[Image.Image], queries: Sequence[str],
+                   answers: Sequence[str] | None = None) -> dict:
+    """Left-padded model inputs for (image, query) pairs; with ``answers``, prompt + answer + EOS."""
+    texts = [prompt_text(policy, q) for q in queries]
+    if answers is not None:
+        eos = policy.tokenizer.eos_token
+        texts = [t + a + eos for t, a in zip(texts, answers)]
+    batch = policy.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+    return {k: v.to(policy.device) for k, v in batch.items()}
+
+
+def resized_sizes(policy: Policy, batch: dict) -> list[tuple[int, int]]:
+    """(height, width) of each image as the vision encoder saw it."""
+    patch = policy.processor.image_processor.patch_size
+    return [(int(h) * patch, int(w) * patch) for _, h, w in batch["image_grid_thw"].tolist()]
+
+
+def repeat_prompts(batch: dict, n: int) -> dict:
+    """Repeat every prompt ``n`` times in a row (for G rollouts), images included.
+
+    ``pixel_values`` holds the patches of all images back to back, so each image's block of
+    rows is repeated, not the tensor's rows one by one.
+    """
+    if n == 1:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            sizes = batch["image_grid_thw"].prod(-1).tolist()
+            out[key] = torch.cat([chunk for chunk in value.split(sizes) for _ in range(n)])
+        else:
+            out[key] = value.repeat_interleave(n, dim=0)
+    return out
+
+
+def sampling_config(policy: Policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                    greedy: bool = False) -> GenerationConfig:
+    """A generation config built from scratch, so no checkpoint default (top_k=50, a repetition
+    penalty) silently changes the distribution that training log-probs assume."""
+    common = dict(max_new_tokens=max_new_tokens, eos_token_id=policy.eos_token_id,
+                  pad_token_id=policy.pad_token_id, repetition_penalty=1.0)
+    if greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS, 0 after it.
+
+    Built from the EOS position, never from ``token != pad``: when pad == eos that would also drop
+    the EOS itself, or keep padding when pad is a normal token.
+    """
+    is_eos = completion_ids == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None]
+    return (positions <= first_eos[:, None]).long()
+
+
+@torch.no_grad()
+def generate(policy: Policy, batch: dict, config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample completions for an already-expanded prompt batch: (completion_ids, completion_mask)."""
+    out = policy.model.generate(**batch, generation_config=config)
+    completion = out[:, batch["input_ids"].shape[1]:]
+    mask = completion_mask(completion, policy.eos_token_id)
+    # Tokens after the first EOS are padding by construction; make them the pad id everywhere.
+    completion = torch.where(mask.bool(), completion, torch.full_like(completion, policy.pad_token_id))
+    return completion, mask
+
+
+def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: torch.Tensor,
+                        mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs (B, L) of ``completion_ids`` given the prompts, at sampling temperature.
+
+    The prompt's side inputs are rebuilt for prompt + completion: the attention mask is extended
+    by the completion mask, ``mm_token_type_ids`` by zeros (text), and M-RoPE position ids are left
+    to the model, which derives them from the full input ids and attention mask.
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    inputs = dict(batch)
+    inputs["input_ids"] = torch.cat([batch["input_ids"], completion_ids], dim=1)
+    inputs["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            inputs[key] = torch.cat([batch[key], torch.zeros_like(completion_ids, dtype=batch[key].dtype)], dim=1)
+    logits = model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1) * mask
+
+
+def decode_completions(policy: Policy, completion_ids: torch.Tensor) -> list[str]:
+    return policy.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- answer parsing
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    call: ToolCall | None
+    status: str  # "ok" or why the answer is unusable
+
+    @property
+    def format_ok(self) -> bool:
+        return self.call is not None
+
+
+def _number(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise ValueError(f"not a finite number: {v!r}")
+    return float(v)
+
+
+def _to_pixels(x: float, y: float, convention: str, resized: tuple[int, int],
+               original: tuple[int, int]) -> tuple[float, float]:
+    oh, ow = original
+    if convention == "relative1000":
+        return x / 1000.0 * ow, y / 1000.0 * oh
+    rh, rw = resized
+    return x * ow / rw, y * oh / rh
+
+
+def parse_answer(text: str, original_size: tuple[int, int], resized_size: tuple[int, int] | None = None,
+                 convention: str = "absolute", require_think: bool = False) -> ParsedAnswer:
+    """Parse ``<answer>{"bbox": [...], "points": [[x, y], ...]}</answer>`` into a ToolCall.
+
+    Coordinates are mapped to original-image pixels and clipped to the image; a box with no area
+    left inside the image, or a point outside it, makes the answer unusable. Never raises.
+    """
+    resized_size = resized_size or original_size
+    matches = ANSWER_RE.findall(text)
+    if not matches:
+        return ParsedAnswer(None, "no answer tag")
+    if require_think and not THINK_RE.match(text):
+        return ParsedAnswer(None, "no think block")
+    try:
+        obj = json.loads(matches[-1].strip())
+    except (json.JSONDecodeError, ValueError):
+        return ParsedAnswer(None, "bad json")
+    if not isinstance(obj, dict):
+        return ParsedAnswer(None, "answer is not an object")
+    oh, ow = original_size
+    box = None
+    try:
+        if obj.get("bbox") is not None:
+            raw = obj["bbox"]
+            if not isinstance(raw, list) or len(raw) != 4:
+                return ParsedAnswer(None, "bbox needs 4 numbers")
+            x1, y1, x2, y2 = (_number(v) for v in raw)
+            (x1, y1), (x2, y2) = (_to_pixels(x1, y1, convention, resized_size, original_size),
+                                  _to_pixels(x2, y2, convention, resized_size, original_size))
+            x1, x2 = sorted((min(max(x1, 0.0), ow), min(max(x2, 0.0), ow)))
+            y1, y2 = sorted((min(max(y1, 0.0), oh), min(max(y2, 0.0), oh)))
+            if x2 - x1 < 1 or y2 - y1 < 1:
+                return ParsedAnswer(None, "empty bbox inside the image")
+            box = (x1, y1, x2, y2)
+        points = []
+        for p in obj.get("points") or []:
+            if not isinstance(p, list) or len(p) != 2:
+                return ParsedAnswer(None, "point needs 2 numbers")
+            x, y = _to_pixels(_number(p[0]), _number(p[1]), convention, resized_size, original_size)
+            if not (0 <= x <= ow and 0 <= y <= oh):
+                return ParsedAnswer(None, "point outside the image")
+            points.append((x, y))
+    except (ValueError, TypeError):
+        return ParsedAnswer(None, "coordinate is not a number")
+    if box is None and not points:
+        return ParsedAnswer(None, "no bbox and no points")
+    return ParsedAnswer(ToolCall(box=box, points=tuple(points)), "ok")
+
+
+def format_answer(box: Sequence[float], point: Sequence[float], original_size: tuple[int, int],
+                  resized_size: tuple[int, int], convention: str) -> str:
+    """The target answer for supervised warm-up, in the model family's coordinate convention."""
+    oh, ow = original_size
+    rh, rw = resized_size
+
+    def conv(x: float, y: float) -> tuple[int, int]:
+        if convention == "relative1000":
+            return round(x / ow * 1000), round(y / oh * 1000)
+        return round(x * rw / ow), round(y * rh / oh)
+
+    x1, y1 = conv(box[0], box[1])
+    x2, y2 = conv(box[2], box[3])
+    px, py = conv(point[0], point[1])
+    return f'<answer>{{"bbox": [{x1}, {y1}, {x2}, {y2}], "points": [[{px}, {py}]]}}</answer>'

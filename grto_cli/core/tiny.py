@@ -1,0 +1,128 @@
+"""Tiny base models for the embedded default and tests.
+
+The tiny VLM is a real ``Qwen2_5_VLForConditionalGeneration`` (a few M parameters) with a
+byte-level BPE tokenizer trained offline and a real ``Qwen2_5_VLProcessor``; the tiny SAM is
+segment-anything's own ``Sam`` at small dims. Both are saved in the formats of the real
+checkpoints and loaded back by the same loaders (``policy.load_policy``, ``tool.load_sam``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
+
+from grto_cli.core.data.synthetic import COLORS, KINDS, RELATIONS
+from grto_cli.core.tool import SamArch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen's chat layout (no default system turn, to keep tiny prompts short).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyVLMArch:
+    image_size: int = 64
+    patch_size: int = 8
+    vocab_size: int = 1200
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 96
+    vision_depth: int = 2
+    vision_heads: int = 4
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+
+
+def tokenizer_corpus(max_coordinate: int = 1000) -> list[str]:
+    """Text the tiny tokenizer is trained on: queries, prompts, answers and every coordinate."""
+    words = list(COLORS) + list(KINDS) + list(RELATIONS) + [
+        "the", "shape", "only", "largest", "smallest", "that", "is", "not", "Locate", "Find", "user",
+        "assistant", "system", "bbox", "points", "answer", "think"]
+    lines = [" ".join(words)] * 20
+    for i in range(max_coordinate + 1):
+        lines.append(f'<think>find it</think><answer>{{"bbox": [{i}, {i}, {i}, {i}], "points": [[{i}, {i}]]}}</answer>')
+    for c in COLORS:
+        for k in KINDS:
+            lines.append(f"Locate: the {c} {k}. the only {k}, the largest {c} shape, the shape that is not {c}")
+            for words_ in RELATIONS:
+                lines.append(f"Locate: the shape {words_} the {c} {k}.")
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    # Byte-level, like Qwen's own tokenizer: any text round-trips exactly through decode.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_processor(arch: TinyVLMArch) -> Qwen2_5_VLProcessor:
+    pixels = arch.image_size * arch.image_size
+    image_processor = Qwen2VLImageProcessor(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=pixels, max_pixels=pixels)
+    tokenizer = build_tiny_tokenizer(arch.vocab_size)
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2)
+    except ImportError:  # older transformers have no separate video processor
+        video_processor = None
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_vlm(arch: TinyVLMArch, seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """An untrained tiny Qwen2.5-VL and its processor."""
+    processor = build_tiny_processor(arch)
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+            num_key_value_heads=arch.num_kv_heads, max_position_embeddings=2048,
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": arch.mrope_section}),
+        vision_config=dict(
+            depth=arch.vision_depth, hidden_size=arch.vision_hidden_size, intermediate_size=2 * arch.vision_hidden_size,
+            num_heads=arch.vision_heads, patch_size=arch.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=arch.image_size, out_hidden_size=arch.hidden_size,
+            fullatt_block_indexes=list(range(arch.vision_depth))),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.text_config.pad_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model, processor
+
+
+def tiny_sam_arch(image_size: int = 64) -> SamArch:
+    """A SAM whose 16x16 embedding and 64x64 low-res mask fit the 64-pixel synthetic images."""
+    return SamArch(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1],
+                   image_size=image_size, patch_size=image_size // 16, window_size=4, prompt_embed_dim=32,
+                   mask_in_chans=8, decoder_depth=2, decoder_mlp_dim=128, decoder_num_heads=2,
+                   iou_head_hidden_dim=32)

@@ -1,0 +1,280 @@
+"""The tool: SAM from ``segment-anything``, loaded from Meta's official checkpoint files.
+
+One builder serves every size: the official ``vit_b``/``vit_l``/``vit_h`` presets and any custom
+architecture (the embedded default's tiny SAM) described by the same fields, saved beside its
+state dict as ``sam.yaml``. The image encoder is frozen; its embedding is computed once per image
+and shared by every rollout of that image; the prompt encoder and mask decoder are what GRTO trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from grto_cli.core.io import atomic_path, write_text
+
+SAM_WEIGHTS = "sam.pt"
+SAM_ARCH = "sam.yaml"
+# Logit given to pixels of a rollout whose answer could not be parsed: no mask, no gradient.
+NO_MASK_LOGIT = -20.0
+
+
+@dataclass
+class SamArch:
+    """Every size knob of SAM; the defaults are Meta's ViT-H."""
+
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+
+SAM_PRESETS: dict[str, SamArch] = {
+    "vit_h": SamArch(),
+    "vit_l": SamArch(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                     encoder_global_attn_indexes=[5, 11, 17, 23]),
+    "vit_b": SamArch(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                     encoder_global_attn_indexes=[2, 5, 8, 11]),
+}
+
+
+def resolve_arch(arch: str | dict | SamArch) -> SamArch:
+    if isinstance(arch, SamArch):
+        return arch
+    if isinstance(arch, str):
+        if arch not in SAM_PRESETS:
+            raise ValueError(f"unknown SAM preset {arch!r}; expected one of {sorted(SAM_PRESETS)} or a dict of SamArch fields")
+        return SAM_PRESETS[arch]
+    return SamArch(**arch)
+
+
+def build_sam(arch: str | dict | SamArch) -> Sam:
+    """Build an untrained SAM from segment-anything's own modules, as its ``_build_sam`` does."""
+    a = resolve_arch(arch)
+    embedding_size = a.image_size // a.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=a.encoder_depth, embed_dim=a.encoder_embed_dim, img_size=a.image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=a.encoder_num_heads,
+            patch_size=a.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=tuple(a.encoder_global_attn_indexes), window_size=a.window_size,
+            out_chans=a.prompt_embed_dim),
+        prompt_encoder=PromptEncoder(
+            embed_dim=a.prompt_embed_dim, image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(a.image_size, a.image_size), mask_in_chans=a.mask_in_chans),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=a.decoder_depth, embedding_dim=a.prompt_embed_dim,
+                                          mlp_dim=a.decoder_mlp_dim, num_heads=a.decoder_num_heads),
+            transformer_dim=a.prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=a.iou_head_hidden_dim),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def load_sam(path: str | Path, arch: str | dict | SamArch | None = None) -> tuple[Sam, SamArch]:
+    """Load SAM weights from a state-dict file (Meta's ``sam_vit_*.pth`` or our ``sam.pt``).
+
+    ``path`` may be the file or a directory holding ``sam.pt`` + ``sam.yaml``; ``arch`` (a preset
+    name or SamArch fields) is needed for a bare file, e.g. ``arch="vit_h"`` for Meta's checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        arch_file = path / SAM_ARCH
+        if arch is None and arch_file.is_file():
+            arch = yaml.safe_load(arch_file.read_text())
+        path = path / SAM_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint not found: {path} (expected Meta's sam_vit_h_4b8939.pth / sam_vit_l_0b3195.pth / "
+            f"sam_vit_b_01ec64.pth with tool arch vit_h/vit_l/vit_b, or a directory with {SAM_WEIGHTS} + {SAM_ARCH})")
+    if arch is None:
+        raise ValueError(f"SAM architecture unknown for {path}: pass a preset (vit_b, vit_l, vit_h) or SamArch fields")
+    resolved = resolve_arch(arch)
+    sam = build_sam(resolved)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    sam.load_state_dict(state)
+    return sam.eval(), resolved
+
+
+def save_sam(sam: Sam, arch: SamArch, out_dir: str | Path) -> Path:
+    """Write ``sam.pt`` (a segment-anything-compatible state dict) and ``sam.yaml``, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / SAM_WEIGHTS) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in sam.state_dict().items()}, tmp)
+    write_text(out_dir / SAM_ARCH, yaml.safe_dump(asdict(arch), sort_keys=True))
+    return out_dir / SAM_WEIGHTS
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A parsed tool call in original-image pixel coordinates."""
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"bbox": list(self.box) if self.box else None, "points": [list(p) for p in self.points]}
+
+
+def trainable_tool_parameters(sam: Sam) -> list[torch.nn.Parameter]:
+    """What GRTO trains: the prompt encoder and mask decoder, never the image encoder."""
+    return list(sam.prompt_encoder.parameters()) + list(sam.mask_decoder.parameters())
+
+
+class EmbeddingCache:
+    """Image-encoder outputs by image key, least-recently-used first out, optionally on disk too."""
+
+    def __init__(self, max_items: int = 4096, disk_dir: str | Path | None = None):
+        self.max_items = max_items
+        self.disk_dir = Path(disk_dir) if disk_dir else None
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def _disk_path(self, key: str) -> Path | None:
+        if self.disk_dir is None:
+            return None
+        return self.disk_dir / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        path = self._disk_path(key)
+        if path is not None and path.is_file():
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            self._remember(key, value)
+            self.hits += 1
+            return value
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self._remember(key, value)
+        path = self._disk_path(key)
+        if path is not None and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                torch.save(value.cpu(), tmp)
+
+    def _remember(self, key: str, value: torch.Tensor) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+
+class SamTool:
+    """Batched, differentiable decoding of parsed tool calls into mask logits."""
+
+    def __init__(self, sam: Sam, arch: SamArch, cache: EmbeddingCache | None = None):
+        self.sam = sam
+        self.arch = arch
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.sam_embedding_cache = cache if cache is not None else EmbeddingCache()
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return self.transform.get_preprocess_shape(original_size[0], original_size[1], self.sam.image_encoder.img_size)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
+        return self.sam.preprocess(x)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
+        """Frozen image-encoder embeddings (B, C, h, w), one encoder pass per image not yet cached."""
+        keys = list(keys) if keys is not None else [None] * len(images)
+        out: list[torch.Tensor | None] = [self.sam_embedding_cache.get(k) if k else None for k in keys]
+        todo = [i for i, e in enumerate(out) if e is None]
+        if todo:
+            batch = torch.cat([self.preprocess(images[i]) for i in todo])
+            fresh = self.sam.image_encoder(batch)
+            for i, emb in zip(todo, fresh):
+                out[i] = emb[None]
+                if keys[i]:
+                    self.sam_embedding_cache.put(keys[i], emb[None].detach())
+        return torch.cat([e.to(self.device) for e in out])  # type: ignore[union-attr]
+
+    def decode(self, embedding: torch.Tensor, calls: Sequence[ToolCall | None],
+               original_size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits (N, H, W) at the original image size for N calls on one image.
+
+        Calls with the same prompt structure go through the decoder together. A None call (an
+        unparsable answer) gives a constant NO_MASK_LOGIT map that carries no gradient.
+        """
+        h, w = original_size
+        logits: list[torch.Tensor | None] = [None] * len(calls)
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for i, call in enumerate(calls):
+            if call is not None and (call.box is not None or call.points):
+                groups.setdefault((call.box is not None, len(call.points)), []).append(i)
+        input_size = self.input_size(original_size)
+        for (has_box, n_points), idx in sorted(groups.items()):
+            masks = self._decode_group(embedding, [calls[i] for i in idx], has_box, n_points, input_size, original_size)
+            for j, i in enumerate(idx):
+                logits[i] = masks[j]
+        empty = torch.full((h, w), NO_MASK_LOGIT, device=embedding.device)
+        return torch.stack([m if m is not None else empty for m in logits])
+
+    def _decode_group(self, embedding: torch.Tensor, calls: list[ToolCall], has_box: bool, n_points: int,
+                      input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+        points = boxes = None
+        if n_points:
+            coords = np.array([[list(p) for p in c.points] for c in calls], dtype=np.float32)
+            coords = self.transform.apply_coords(coords, original_size)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+            points = (torch.as_tensor(coords, device=self.device), labels)
+        if has_box:
+            box = self.transform.apply_boxes(np.array([c.box for c in calls], dtype=np.float32), original_size)
+            boxes = torch.as_tensor(box, device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        return self.sam.postprocess_masks(low_res, input_size, original_size)[:, 0]
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice_bce",
+             focal_gamma: float = 2.0) -> torch.Tensor:
+    """Per-sample segmentation loss (N,) of mask logits (N, H, W) against boolean targets (N, H, W)."""
+    target = target.float()
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    if kind == "dice_bce":
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+        return dice + bce
+    if kind == "focal":
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p_t = prob * target + (1 - prob) * (1 - target)
+        focal = (ce * (1 - p_t) ** focal_gamma).flatten(1).mean(1)
+        return dice + 20.0 * focal  # SAM's own 20:1 focal:dice weighting
+    raise ValueError(f"unknown seg loss {kind!r}; expected dice_bce or focal")

@@ -1,0 +1,203 @@
+"""What every stage shares: its config from params.yaml (+ command-line overrides), device choice,
+progress bars, the end-of-stage summary table and the small run record."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import sys
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from grto_cli import __version__
+from grto_cli.core.io import write_json
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the stage's config."""
+
+
+def load_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (run from the project root, or pass --params PATH)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of stage sections")
+    return data
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``section.key=value`` pairs, dotted from the top of params.yaml; values are parsed as YAML."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nesting)")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def build_config(cls: type[T], data: dict, where: str = "") -> T:
+    """Build a (nested) dataclass from a mapping, refusing unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = build_config(hint, value, f"{where}.{key}" if where else key)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def stage_config(cls: type[T], params_path: str | Path, section: str, overrides: list[str] | None = None,
+                 **explicit: Any) -> T:
+    """The stage's config: params.yaml section, then ``--set`` overrides, then explicit CLI options."""
+    params = apply_overrides(load_params(params_path), overrides)
+    data = dict(params.get(section) or {})
+    for key, value in explicit.items():
+        if value is not None:
+            data[key] = value
+    return build_config(cls, data, section)
+
+
+@dataclasses.dataclass
+class PolicyParams:
+    """The ``policy`` section every stage that runs the policy shares."""
+
+    prompt_template: str = "Locate: {query}."
+    require_think: bool = False  # format reward/parse demands <think>...</think> before <answer>
+    coord_convention: str | None = None  # None: by model family (absolute for Qwen2.5-VL)
+    trust_remote_code: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+
+
+def policy_params(params_path: str | Path, overrides: list[str] | None = None) -> PolicyParams:
+    return stage_config(PolicyParams, params_path, "policy", overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def set_threads() -> None:
+    """Use every core on CPU, deterministically (no oversubscription from nested pools)."""
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[typing.Callable[[int], None]]:
+    """A rich progress bar; yields ``advance(n)``."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, info: str = "") -> None:
+            progress.update(task, advance=n, info=info)
+
+        yield advance
+
+
+def summary_table(title: str, row: dict) -> None:
+    table = Table(title=title)
+    for key in row:
+        table.add_column(str(key))
+    table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
+    console.print(table)
+
+
+def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of a directory's files (relative names + contents), in sorted order.
+
+    Files over 64 MiB are hashed by size and their first and last MiB, so hashing a 7B checkpoint
+    stays cheap; that is enough to tell checkpoints apart for provenance.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with f.open("rb") as fh:
+            if size <= 64 << 20:
+                for block in iter(lambda: fh.read(chunk), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(chunk))
+                fh.seek(-chunk, os.SEEK_END)
+                h.update(fh.read(chunk))
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"grto": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def write_run_record(path: str | Path, stage: str, config: Any, inputs: dict[str, str | Path],
+                     results: dict | None = None) -> None:
+    """A small, deterministic record of how an output was made: params, input hashes, versions."""
+    record = {
+        "stage": stage,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "params": to_dict(config) if dataclasses.is_dataclass(config) else config,
+        "inputs": {name: {"path": str(p), "sha256": hash_path(p)} for name, p in inputs.items() if p and Path(p).exists()},
+        "versions": versions(),
+    }
+    if results:
+        record["results"] = results
+    write_json(path, record)

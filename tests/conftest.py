@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline here."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the prepared layout."""
+    from grto_cli.core.data.records import write_manifest
+    from grto_cli.core.data.synthetic import generate_split
+
+    out = tmp_path_factory.mktemp("synthetic")
+    for split, n in (("train", 40), ("val", 8), ("testA", 8), ("testB", 8)):
+        write_manifest(out / f"{split}.jsonl", generate_split(split, n, 0, 64, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_system(tmp_path_factory, synthetic_data) -> Path:
+    """An (almost untrained) tiny system in the checkpoint layout: <dir>/policy, <dir>/tool."""
+    from grto_cli.core.data.records import read_manifest
+    from grto_cli.core.policy import load_policy
+    from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
+    from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
+    from grto_cli.core.tool import SamTool, build_sam, save_sam
+
+    out = tmp_path_factory.mktemp("system")
+    records, _ = read_manifest(synthetic_data / "train.jsonl")
+    arch = tiny_sam_arch()
+    tool = SamTool(build_sam(arch), arch)
+    train_sam(tool, records, synthetic_data, SamTrainConfig(steps=3, batch_size=4), seed=0)
+    save_sam(tool.sam, arch, out / "tool")
+    model, processor = build_tiny_vlm(TinyVLMArch(), seed=0)
+    model.save_pretrained(out / "policy")
+    processor.save_pretrained(out / "policy")
+    policy = load_policy(out / "policy", prompt_template="Locate: {query}.")
+    train_policy_sft(policy, records, synthetic_data, PolicySftConfig(steps=3, batch_size=4), seed=0)
+    policy.model.save_pretrained(out / "policy")
+    return out

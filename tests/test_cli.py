@@ -1,0 +1,54 @@
+"""The stages through the CLI, at toy size: what `dvc repro` runs, minus the step counts."""
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from grto_cli.cli import app
+
+runner = CliRunner()
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _invoke(args, cwd, monkeypatch):
+    monkeypatch.chdir(cwd)
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def test_pretrain_then_evaluate_writes_metrics_predictions_and_sheet(tmp_path, monkeypatch):
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    small = ["--set", "prepare.sizes={train: 24, val: 4, testA: 6, testB: 6}"]
+    assert _invoke(["prepare", "synthetic", *small], tmp_path, monkeypatch).exit_code == 0
+    r = _invoke(["pretrain", "--set", "pretrain.sam.steps=2", "--set", "pretrain.sft.steps=2",
+                 "--set", "pretrain.sam.batch_size=2", "--set", "pretrain.sft.batch_size=2"], tmp_path, monkeypatch)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "models/base/policy/config.json").is_file()
+    assert (tmp_path / "models/base/tool/sam.pt").is_file()
+    r = _invoke(["evaluate", "--split", "testB", "--out", "res/testB/metrics.json"], tmp_path, monkeypatch)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "res/testB/metrics.json").read_text())
+    for key in ("giou", "ciou", "precision@0.5", "precision@0.9", "format_rate", "n"):
+        assert key in metrics
+    assert metrics["n"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "res/testB/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"id", "completion", "status", "iou", "mask"} <= set(rows[0])
+    # gIoU is the mean of the per-sample IoUs the predictions file reports.
+    assert abs(metrics["giou"] - 100 * sum(r["iou"] for r in rows) / 6) < 1e-6
+    assert (tmp_path / "res/testB/overlays.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "metrics").exists() is False  # nothing stray in the cwd
+    assert (tmp_path / "results/pretrain/policy/plots/metrics/sft_loss.tsv").is_file()
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    r = _invoke(["evaluate", "--data", "nowhere"], tmp_path, monkeypatch)
+    assert r.exit_code == 2
+    assert "manifest not found" in r.output and "nowhere" in r.output
+
+
+def test_unknown_override_is_refused_by_name(tmp_path, monkeypatch):
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    r = _invoke(["evaluate", "--set", "evaluate.batchsize=3"], tmp_path, monkeypatch)
+    assert r.exit_code == 2 and "batchsize" in r.output

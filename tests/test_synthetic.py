@@ -1,0 +1,70 @@
+import hashlib
+
+from typer.testing import CliRunner
+
+from grto_cli.cli import app
+from grto_cli.core.data.records import read_manifest
+from grto_cli.core.data.synthetic import (HELD_OUT_COMPOSITIONS, Shape, candidate_queries, generate_split,
+                                          render_scene)
+
+SIZES = "{train: 120, val: 10, testA: 30, testB: 30}"
+
+
+def _prepare(tmp_path, name, seed=0):
+    out = tmp_path / name
+    result = CliRunner().invoke(app, ["prepare", "synthetic", "--out", str(out), "--seed", str(seed),
+                                      "--set", f"prepare.sizes={SIZES}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "run.json"):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_gives_byte_identical_outputs(tmp_path):
+    a, b = _prepare(tmp_path, "a"), _prepare(tmp_path, "b")
+    for split in ("train", "val", "testA", "testB"):
+        assert (a / f"{split}.jsonl").read_bytes() == (b / f"{split}.jsonl").read_bytes()
+    assert _digest(a) == _digest(b)
+    c = _prepare(tmp_path, "c", seed=1)
+    assert (a / "train.jsonl").read_bytes() != (c / "train.jsonl").read_bytes()
+
+
+def test_testB_compositions_are_absent_from_train(tmp_path):
+    out = _prepare(tmp_path, "d")
+    train, _ = read_manifest(out / "train.jsonl")
+    test_b, _ = read_manifest(out / "testB.jsonl")
+    train_comps = {r.meta["composition"] for r in train}
+    test_b_comps = {r.meta["composition"] for r in test_b}
+    assert test_b_comps and test_b_comps <= HELD_OUT_COMPOSITIONS
+    assert not (train_comps & test_b_comps)
+    # The held-out phrasings never appear in a train query either.
+    train_text = {r.query for r in train}
+    for r in test_b:
+        assert r.query not in train_text
+
+
+def test_every_query_has_exactly_one_target_and_kinds_are_mixed(tmp_path):
+    records = generate_split("train", 60, 3, 64, tmp_path)
+    kinds = {r.meta["query_kind"] for r in records}
+    assert {"attribute", "relation", "superlative", "only"} <= kinds
+    for r in records:
+        assert r.decode_mask().sum() >= 24
+
+
+def test_candidate_queries_are_unambiguous():
+    shapes = [Shape("circle", "red", 10, 32, 6), Shape("square", "blue", 40, 32, 6),
+              Shape("square", "red", 54, 10, 5)]
+    image, masks = render_scene(shapes, 64, 200)
+    queries = {q.text: q.target for q in candidate_queries(shapes, [int(m.sum()) for m in masks])}
+    assert queries["the red circle"] == 0
+    assert queries["the only circle"] == 0
+    assert queries["the shape left of the blue square"] == 0
+    assert queries["the shape that is not red"] == 1
+    assert "the red shape" not in queries  # two red shapes: ambiguous, never asked
+    assert image.shape == (64, 64, 3)

@@ -69,37 +69,46 @@ def evaluate(
     _run(stage.run, params, set_, split=split, checkpoint=checkpoint, out=out, data=data)
 
 
-def _not_yet(command: str, issue: int) -> None:
-    from grto_cli.stages.common import console
-
-    console.print(f"[red]`grto {command}` is not implemented yet[/red]: it is tracked in issue #{issue}.")
-    raise typer.Exit(3)
-
-
 @app.command()
-def bootstrap(params: str = PARAMS, set_: Optional[List[str]] = SET):
-    """B-GRTO: pre-train the tool on cached rollouts of the frozen initial policy."""
-    _not_yet("bootstrap", 3)
+def bootstrap(out: Optional[str] = typer.Option(None, help="Output directory for the bootstrapped tool."),
+              params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """B-GRTO: sample rollouts of the frozen initial policy once, then pre-train the tool on them."""
+    from grto_cli.stages import bootstrap as stage
+
+    _run(stage.run, params, set_, out=out)
 
 
 @app.command()
 def train(method: Optional[str] = typer.Option(None, help="grpo | grto | b-grto"),
+          steps: Optional[int] = typer.Option(None, help="RL steps (a finished run continues to this count)."),
+          out: Optional[str] = typer.Option(None, help="Output directory for the best-on-val system."),
           params: str = PARAMS, set_: Optional[List[str]] = SET):
-    """RL training of policy (and tool) with GRPO, GRTO or B-GRTO."""
-    _not_yet("train", 3)
+    """RL training of the policy (and the tool, for grto / b-grto); resumes from its last checkpoint."""
+    from grto_cli.stages import train as stage
+
+    _run(stage.run, params, set_, method=method, steps=steps, out=out)
 
 
 @app.command()
-def export(params: str = PARAMS, set_: Optional[List[str]] = SET):
-    """Write a self-contained bundle: policy, processor, SAM state dict and grto.yaml."""
-    _not_yet("export", 3)
+def export(checkpoint: Optional[str] = typer.Option(None, help="System directory with policy/ and tool/."),
+           out: Optional[str] = typer.Option(None, help="Bundle directory."),
+           params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """Write a self-contained bundle: policy + processor, SAM state dict and grto.yaml."""
+    from grto_cli.stages import export as stage
+
+    _run(stage.run, params, set_, checkpoint=checkpoint, out=out)
 
 
 @app.command()
-def predict(bundle: str = typer.Option(...), image: str = typer.Option(...), query: str = typer.Option(...),
-            out: str = typer.Option(...)):
-    """Segment one image from a query with an exported bundle."""
-    _not_yet("predict", 3)
+def predict(bundle: str = typer.Option(..., help="Bundle directory written by `grto export`."),
+            image: str = typer.Option(..., help="Image file."),
+            query: str = typer.Option(..., help="What to segment."),
+            out: str = typer.Option(..., help="Mask PNG to write; the overlay goes beside it."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda")):
+    """Segment one image from a query, loading nothing but the bundle."""
+    from grto_cli.stages import export as stage
+
+    _run(stage.predict, bundle, image, query, out, device)
 
 
 if __name__ == "__main__":

@@ -184,8 +184,8 @@ def versions() -> dict:
     import torch
     import transformers
 
-    return {"grto": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"grto": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "transformers": str(transformers.__version__)}
 
 
 def write_run_record(path: str | Path, stage: str, config: Any, inputs: dict[str, str | Path],

@@ -1,0 +1,110 @@
+"""Group sampling: G completions per query, parsed calls, the tool's masks, rewards, log-probs.
+
+The image encoder runs once per image; all G calls of that image go through the mask decoder in
+one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grto_cli.core.data.records import Record
+from grto_cli.core.policy import (ParsedAnswer, Policy, completion_logprobs, decode_completions, encode_prompts,
+                                  generate, parse_answer, repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
+from grto_cli.core.tool import SamTool, ToolCall
+
+
+@dataclass
+class SamplingParams:
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0  # anything < 1 would need the same filter reproduced in training log-probs
+    max_new_tokens: int = 40
+
+
+@dataclass
+class RolloutBatch:
+    records: list[Record]
+    group_size: int
+    prompts: dict  # model inputs, each prompt repeated group_size times in a row
+    completion_ids: torch.Tensor  # (N, L), N = len(records) * group_size
+    completion_mask: torch.Tensor  # (N, L): up to and including the first EOS
+    texts: list[str]
+    parsed: list[ParsedAnswer]
+    rewards: RewardBreakdown
+    embeddings: torch.Tensor  # (len(records), C, h, w): frozen image-encoder outputs
+    targets: list[torch.Tensor]  # per record, (H, W) bool
+
+    @property
+    def calls(self) -> list[ToolCall | None]:
+        return [p.call for p in self.parsed]
+
+    def group_calls(self, i: int) -> list[ToolCall | None]:
+        return self.calls[i * self.group_size:(i + 1) * self.group_size]
+
+
+def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Sequence[str],
+                       sampling: SamplingParams, require_think: bool = False
+                       ) -> tuple[dict, torch.Tensor, torch.Tensor, list[str], list[ParsedAnswer]]:
+    """G sampled answers per (image, query), parsed into tool calls in original-image pixels."""
+    G = sampling.group_size
+    prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
+    sizes = resized_sizes(policy, prompts)
+    prompts = repeat_prompts(prompts, G)
+    cfg = sampling_config(policy, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+    was_training = policy.model.training
+    policy.model.eval()
+    completion_ids, mask = generate(policy, prompts, cfg)
+    policy.model.train(was_training)
+    texts = decode_completions(policy, completion_ids)
+    parsed = [parse_answer(t, images[i // G].shape[:2], sizes[i // G], policy.coord_convention, require_think)
+              for i, t in enumerate(texts)]
+    return prompts, completion_ids, mask, texts, parsed
+
+
+def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], images: Sequence[np.ndarray],
+                  targets: Sequence[np.ndarray], sampling: SamplingParams, weights: RewardWeights,
+                  require_think: bool = False, image_keys: Sequence[str] | None = None) -> RolloutBatch:
+    G = sampling.group_size
+    prompts, completion_ids, mask, texts, parsed = sample_completions(
+        policy, images, [r.query for r in records], sampling, require_think)
+    embeddings = tool.embed(images, image_keys)
+    target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
+    rewards = []
+    with torch.no_grad():
+        for i, record in enumerate(records):
+            group = parsed[i * G:(i + 1) * G]
+            logits = tool.decode(embeddings[i:i + 1], [p.call for p in group], images[i].shape[:2])
+            rewards.append(compute_rewards(group, logits > 0, target_tensors[i], record.bbox, weights))
+    return RolloutBatch(records=list(records), group_size=G, prompts=prompts, completion_ids=completion_ids,
+                        completion_mask=mask, texts=texts, parsed=parsed, rewards=concat_rewards(rewards),
+                        embeddings=embeddings, targets=target_tensors)
+
+
+def concat_rewards(parts: Sequence[RewardBreakdown]) -> RewardBreakdown:
+    return RewardBreakdown(**{name: torch.cat([getattr(p, name) for p in parts])
+                              for name in ("total", "format_ok", "iou", "box_iou", "point")})
+
+
+def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, temperature: float) -> torch.Tensor:
+    """Per-token log-probs of a slice of the rollouts' completions under ``model``."""
+    prompts = slice_prompts(batch.prompts, rows)
+    return completion_logprobs(model, prompts, batch.completion_ids[rows], batch.completion_mask[rows], temperature)
+
+
+def slice_prompts(prompts: dict, rows: slice) -> dict:
+    """Rows ``rows`` of a prompt batch; ``pixel_values`` holds each row's image patches back to back."""
+    out = {}
+    sizes = prompts["image_grid_thw"].prod(-1).tolist()
+    for key, value in prompts.items():
+        if key == "pixel_values":
+            out[key] = torch.cat(value.split(sizes)[rows])
+        else:
+            out[key] = value[rows]
+    return out

@@ -1,0 +1,72 @@
+"""`grto bootstrap`: B-GRTO's cheap stage. Sample K rollouts per training query from the frozen
+initial policy once (cached on disk), then train the tool on the cache for N steps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from grto_cli.core.data.records import read_manifest
+from grto_cli.core.grto import BootstrapConfig, collect_rollouts, read_rollout_cache, train_tool_on_cache, write_rollout_cache
+from grto_cli.core.io import atomic_dir
+from grto_cli.core.system import TOOL_DIR, checkpoint_paths, load_system
+from grto_cli.core.tool import save_sam
+from grto_cli.stages.common import (console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
+                                    set_threads, stage_config, summary_table, write_run_record)
+from grto_cli.stages.live import StepLogger
+
+
+@dataclass
+class BootstrapStageConfig(BootstrapConfig):
+    data: str = "data/prepared/synthetic"
+    base: str = "models/base"
+    policy: str | None = None
+    tool: str | None = None
+    tool_arch: str | None = None
+    cache: str = "rollouts/bootstrap.jsonl"
+    out: str = "models/bootstrap"
+    live: str = "results/bootstrap"
+    seed: int = 0
+
+
+def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+    cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)
+    pol_cfg = policy_params(params, overrides)
+    set_threads()
+    quiet_transformers()
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    manifest = Path(cfg.data) / "train.jsonl"
+    records, _ = read_manifest(manifest)
+    if cfg.max_queries:
+        records = records[:cfg.max_queries]
+    device = pick_device(pol_cfg.device)
+    paths = checkpoint_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
+    policy, tool = load_system(paths, pol_cfg.prompt_template, device, pick_dtype(pol_cfg.dtype, device),
+                               pol_cfg.trust_remote_code, pol_cfg.coord_convention)
+
+    rows = []
+    with progress_bar(f"sampling {cfg.rollouts_per_query} rollouts/query", len(records)) as advance:
+        for row in collect_rollouts(policy, records, manifest.parent, cfg, pol_cfg.require_think):
+            rows.append(row)
+            advance(1)
+    write_rollout_cache(cfg.cache, rows)
+    cache = read_rollout_cache(cfg.cache)
+    n_calls = sum(len(r["calls"]) for r in cache)
+    n_valid = sum(c is not None for r in cache for c in r["calls"])
+    del policy  # generation only: the policy is not needed for the tool steps
+
+    by_id = {r.id: r for r in records}
+    with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:
+        stats = train_tool_on_cache(tool, cache, by_id, manifest.parent, cfg, cfg.seed,
+                                    on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
+    results = {**stats, "rollouts": n_calls, "parsable_rollouts": n_valid}
+    with atomic_dir(cfg.out) as tmp:
+        save_sam(tool.sam, tool.arch, tmp / TOOL_DIR)
+        write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg)},
+                         {"train_manifest": manifest, "policy": paths.policy, "tool": paths.tool, "cache": cfg.cache},
+                         results)
+    summary_table("bootstrap", {"queries": len(cache), **results, "out": cfg.out})
+    console.print(f"bootstrapped tool written to {Path(cfg.out) / TOOL_DIR}")
+    return results

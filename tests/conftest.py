@@ -29,7 +29,8 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_system(tmp_path_factory, synthetic_data) -> Path:
-    """An (almost untrained) tiny system in the checkpoint layout: <dir>/policy, <dir>/tool."""
+    """A barely trained tiny system in the checkpoint layout (<dir>/policy, <dir>/tool): the policy has
+    had just enough warm-up to emit the answer format often, so rollouts have parsable calls."""
     from grto_cli.core.data.records import read_manifest
     from grto_cli.core.policy import load_policy
     from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
@@ -40,12 +41,12 @@ def tiny_system(tmp_path_factory, synthetic_data) -> Path:
     records, _ = read_manifest(synthetic_data / "train.jsonl")
     arch = tiny_sam_arch()
     tool = SamTool(build_sam(arch), arch)
-    train_sam(tool, records, synthetic_data, SamTrainConfig(steps=3, batch_size=4), seed=0)
+    train_sam(tool, records, synthetic_data, SamTrainConfig(steps=10, batch_size=4), seed=0)
     save_sam(tool.sam, arch, out / "tool")
     model, processor = build_tiny_vlm(TinyVLMArch(), seed=0)
     model.save_pretrained(out / "policy")
     processor.save_pretrained(out / "policy")
     policy = load_policy(out / "policy", prompt_template="Locate: {query}.")
-    train_policy_sft(policy, records, synthetic_data, PolicySftConfig(steps=3, batch_size=4), seed=0)
+    train_policy_sft(policy, records, synthetic_data, PolicySftConfig(steps=60, batch_size=8, lr=3e-3), seed=0)
     policy.model.save_pretrained(out / "policy")
     return out

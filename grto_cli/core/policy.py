@@ -62,18 +62,36 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
                 coord_convention: str | None = None) -> Policy:
     """Load a VLM and its processor by local path or hub id (offline: the hub cache only)."""
     local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
+    is_adapter = (local / "adapter_config.json").is_file()
+    if local.exists() and not is_adapter and not (local / "config.json").is_file():
         raise FileNotFoundError(f"policy directory {local} has no config.json (expected a `save_pretrained` "
-                                f"directory: config.json, model weights, tokenizer and processor files)")
+                                f"directory: config.json, model weights, tokenizer and processor files, or a "
+                                f"LoRA adapter directory with adapter_config.json)")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"  # generation and batched log-probs both need left padding
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype,
-                                                        trust_remote_code=trust_remote_code)
+    if is_adapter:
+        model = _load_lora_merged(local, torch_dtype, trust_remote_code)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype,
+                                                            trust_remote_code=trust_remote_code)
     model.to(device)
     model_type = getattr(model.config, "model_type", "")
     convention = coord_convention or COORD_CONVENTIONS.get(model_type, "absolute")
     return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template)
+
+
+def _load_lora_merged(adapter_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    """A LoRA checkpoint (adapter only) loaded onto the base model it names, adapters merged in."""
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise FileNotFoundError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def prompt_text(policy: Policy, query: str) -> str:

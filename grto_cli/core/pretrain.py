@@ -22,6 +22,19 @@ from grto_cli.core.tool import SamTool, ToolCall, seg_loss
 StepCallback = Callable[[int, dict], None]
 
 
+def warmup_cosine(optim: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optim, factor)
+
+
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
     """A point well inside the mask: its centroid when that lies on the mask, else the nearest mask pixel."""
     ys, xs = np.nonzero(mask)
@@ -71,7 +84,7 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
     torch.manual_seed(seed)
     sam = tool.sam.train()
     optim = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    sched = warmup_cosine(optim, max(1, cfg.steps // 10), cfg.steps)
     images = {}
     last = {}
     for step in range(cfg.steps):
@@ -119,8 +132,7 @@ def train_policy_sft(policy: Policy, records: list[Record], root: Path, cfg: Pol
     torch.manual_seed(seed)
     model = policy.model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=cfg.lr, total_steps=cfg.steps,
-                                                pct_start=min(0.3, cfg.warmup / max(cfg.steps, 1)))
+    sched = warmup_cosine(optim, cfg.warmup, cfg.steps)
     cache: dict[str, tuple] = {}
     last = {}
     for step in range(cfg.steps):

@@ -11,7 +11,7 @@ from grto_cli.core.grto import BootstrapConfig, collect_rollouts, read_rollout_c
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.system import TOOL_DIR, checkpoint_paths, load_system
 from grto_cli.core.tool import save_sam
-from grto_cli.stages.common import (console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (ConfigError, console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 
@@ -59,8 +59,11 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
 
     by_id = {r.id: r for r in records}
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:
-        stats = train_tool_on_cache(tool, cache, by_id, manifest.parent, cfg, cfg.seed,
-                                    on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
+        try:
+            stats = train_tool_on_cache(tool, cache, by_id, manifest.parent, cfg, cfg.seed,
+                                        on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
+        except ValueError as exc:  # e.g. a base policy that never emits a parsable call
+            raise ConfigError(f"bootstrap: {exc}") from None
     results = {**stats, "rollouts": n_calls, "parsable_rollouts": n_valid}
     with atomic_dir(cfg.out) as tmp:
         save_sam(tool.sam, tool.arch, tmp / TOOL_DIR)

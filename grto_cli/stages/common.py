@@ -69,6 +69,9 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         hint = hints.get(key)
+        # `X | None` fields (e.g. train.lora) hold a dataclass when given a mapping.
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+        hint = options[0] if len(options) == 1 else hint
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = build_config(hint, value, f"{where}.{key}" if where else key)
         kwargs[key] = value

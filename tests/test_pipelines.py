@@ -27,7 +27,7 @@ from grto_cli.core.data.sources import _REGISTRY as READER_MODULES
 from grto_cli.core.policy import parse_answer
 from grto_cli.core.trainer import LoraParams
 from grto_cli.stages.bootstrap import BootstrapStageConfig
-from grto_cli.stages.common import PolicyParams, build_config, stage_config
+from grto_cli.stages.common import PolicyParams, stage_config
 from grto_cli.stages.evaluate import EvaluateConfig
 from grto_cli.stages.export import ExportConfig
 from grto_cli.stages.prepare import PrepareConfig

@@ -73,3 +73,18 @@ def test_validation_reports_bad_records_by_id(tmp_path):
 def test_missing_manifest_names_path_and_layout(tmp_path):
     with pytest.raises(DataError, match="manifest not found: .*nope.jsonl.*grto prepare"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_atomic_dir_swap_interrupted_between_renames_is_recovered(tmp_path):
+    import os
+
+    from grto_cli.core.io import atomic_dir, recover_dir
+
+    target = tmp_path / "last"
+    with atomic_dir(target) as tmp:
+        (tmp / "state.json").write_text("1")
+    os.replace(target, tmp_path / ".last.old")  # killed after moving the old copy aside
+    (tmp_path / ".last.abc.tmp").mkdir()  # and a half-written new one
+    assert recover_dir(target) == target
+    assert (target / "state.json").read_text() == "1"
+    assert not (tmp_path / ".last.abc.tmp").exists()

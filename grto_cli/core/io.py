@@ -64,3 +64,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def recover_dir(path: str | Path) -> Path:
+    """Undo a swap that `atomic_dir` was killed in the middle of: if ``path`` is gone but its
+    ``.old`` sibling survived, put it back. Leftover temporary siblings are removed."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.exists() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

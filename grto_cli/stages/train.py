@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from grto_cli.core.data.records import DataError, read_manifest
-from grto_cli.core.io import atomic_dir, write_json
+from grto_cli.core.io import atomic_dir, recover_dir, write_json
 from grto_cli.core.system import TOOL_DIR, checkpoint_paths, load_system
 from grto_cli.core.trainer import RLConfig, Trainer, checkpoint_matches
 from grto_cli.stages.common import (ConfigError, console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
@@ -57,7 +57,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     trainer = Trainer(cfg, policy, tool, train_records, val_records, root, pol_cfg.require_think)
 
     ckpt = Path(cfg.checkpoints)
-    last, best = ckpt / "last", ckpt / "best"
+    last, best = recover_dir(ckpt / "last"), recover_dir(ckpt / "best")
     resumed = checkpoint_matches(last, cfg)
     if resumed:
         trainer.load_checkpoint(last)

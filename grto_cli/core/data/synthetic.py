@@ -84,9 +84,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill) -> None:
         draw.polygon([(x, y - s), (x - s, y + s), (x + s, y + s)], fill=fill)
 
 
+# Peak-to-peak strength of the background's lighting gradient (red along x, blue along y).
+GRADIENT = 60
+
+
+def background_image(size: int, level: int) -> Image.Image:
+    """A grey background lit by a faint gradient, like a real scene's light falloff.
+
+    Why: Qwen2.5-VL's vision tower has no absolute position embedding (position enters only through
+    RoPE in attention scores), so a tiny one trained from scratch on flat backgrounds cannot tell
+    *where* a patch is. Real photographs carry that context; this gives the synthetic scenes some.
+    """
+    ramp = (np.arange(size) / max(size - 1, 1) - 0.5) * GRADIENT
+    rgb = np.empty((size, size, 3), dtype=np.float32)
+    rgb[..., 0] = level + ramp[None, :]
+    rgb[..., 1] = level
+    rgb[..., 2] = level + ramp[:, None]
+    return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8))
+
+
 def render_scene(shapes: list[Shape], size: int, background: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Paint shapes in order; return the RGB image and each shape's visible mask."""
-    canvas = Image.new("RGB", (size, size), (background,) * 3)
+    canvas = background_image(size, background)
     draw = ImageDraw.Draw(canvas)
     owner = np.full((size, size), -1, dtype=np.int16)
     for i, shape in enumerate(shapes):
@@ -180,7 +199,7 @@ def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
     records: list[Record] = []
     while len(records) < n:
         shapes = _sample_shapes(rng, size, int(rng.integers(min_shapes, max_shapes + 1)))
-        background = int(rng.integers(150, 246))
+        background = int(rng.integers(150, 216))
         image, masks = render_scene(shapes, size, background)
         queries = [q for q in candidate_queries(shapes, [int(m.sum()) for m in masks]) if _allowed(q, split)]
         if not queries:

@@ -45,6 +45,10 @@ class TinyVLMArch:
     vision_depth: int = 2
     vision_heads: int = 4
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+    # M-RoPE gives the width axis the lowest frequencies; at theta 10000 and head_dim 32 a 4-column
+    # image grid turns by < 0.01 rad per column, so attention cannot tell columns apart. A small
+    # theta keeps every axis's frequencies in a range the short tiny sequences can use.
+    rope_theta: float = 10.0
 
 
 def tokenizer_corpus(max_coordinate: int = 1000) -> list[str]:
@@ -103,7 +107,8 @@ def build_tiny_vlm(arch: TinyVLMArch, seed: int = 0) -> tuple[Qwen2_5_VLForCondi
             num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
             num_key_value_heads=arch.num_kv_heads, max_position_embeddings=2048,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": arch.mrope_section}),
+            rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta,
+                             "mrope_section": arch.mrope_section}),
         vision_config=dict(
             depth=arch.vision_depth, hidden_size=arch.vision_hidden_size, intermediate_size=2 * arch.vision_hidden_size,
             num_heads=arch.vision_heads, patch_size=arch.patch_size, spatial_merge_size=2, temporal_patch_size=2,

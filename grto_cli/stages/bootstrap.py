@@ -9,9 +9,9 @@ from pathlib import Path
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.grto import BootstrapConfig, collect_rollouts, read_rollout_cache, train_tool_on_cache, write_rollout_cache
 from grto_cli.core.io import atomic_dir
-from grto_cli.core.system import TOOL_DIR, checkpoint_paths, load_system
+from grto_cli.core.system import TOOL_DIR, checkpoint_paths
 from grto_cli.core.tool import save_sam
-from grto_cli.stages.common import (ConfigError, console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (ConfigError, console, load_stage_system, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 
@@ -41,10 +41,8 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     records, _ = read_manifest(manifest)
     if cfg.max_queries:
         records = records[:cfg.max_queries]
-    device = pick_device(pol_cfg.device)
     paths = checkpoint_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_system(paths, pol_cfg.prompt_template, device, pick_dtype(pol_cfg.dtype, device),
-                               pol_cfg.trust_remote_code, pol_cfg.coord_convention)
+    policy, tool = load_stage_system(paths, pol_cfg)
 
     rows = []
     with progress_bar(f"sampling {cfg.rollouts_per_query} rollouts/query", len(records)) as advance:

@@ -13,9 +13,9 @@ from grto_cli.core.data.records import read_manifest
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import SegmentationMeter
-from grto_cli.core.system import checkpoint_paths, load_system
+from grto_cli.core.system import checkpoint_paths
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (console, load_stage_system, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 
 CAMOUFLAGE_DATASETS = {"cod10k", "nc4k"}
@@ -71,10 +71,8 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     records, report = read_manifest(manifest, on_error=cfg.on_bad_record)
     if cfg.limit:
         records = records[:cfg.limit]
-    device = pick_device(pol_cfg.device)
     paths = checkpoint_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_system(paths, pol_cfg.prompt_template, device, pick_dtype(pol_cfg.dtype, device),
-                               pol_cfg.trust_remote_code, pol_cfg.coord_convention)
+    policy, tool = load_stage_system(paths, pol_cfg)
 
     meter = SegmentationMeter()
     cod_meter = _camouflage_meter(records)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, recover_dir, write_json
-from grto_cli.core.system import TOOL_DIR, checkpoint_paths, load_system
+from grto_cli.core.system import TOOL_DIR, checkpoint_paths
 from grto_cli.core.trainer import RLConfig, Trainer, checkpoint_matches
-from grto_cli.stages.common import (ConfigError, console, pick_device, pick_dtype, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (ConfigError, console, load_stage_system, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 
@@ -50,10 +50,8 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     root = Path(cfg.data)
     train_records, _ = read_manifest(root / "train.jsonl")
     val_records, _ = read_manifest(root / "val.jsonl")
-    device = pick_device(pol_cfg.device)
     paths = checkpoint_paths(cfg.base, cfg.policy, _initial_tool(cfg), cfg.tool_arch)
-    policy, tool = load_system(paths, pol_cfg.prompt_template, device, pick_dtype(pol_cfg.dtype, device),
-                               pol_cfg.trust_remote_code, pol_cfg.coord_convention)
+    policy, tool = load_stage_system(paths, pol_cfg)
     trainer = Trainer(cfg, policy, tool, train_records, val_records, root, pol_cfg.require_think)
 
     ckpt = Path(cfg.checkpoints)

@@ -136,3 +136,30 @@ def test_bad_method_and_top_p_are_refused():
         RLConfig(method="ppo").validate()
     with pytest.raises(ValueError, match="top_p"):
         RLConfig(sampling=SamplingParams(top_p=0.9)).validate()
+
+
+def test_lora_training_checkpoint_loads_back_merged(tiny_system, synthetic_data, tmp_path):
+    from PIL import Image
+
+    from grto_cli.core.export import merged_model
+    from grto_cli.core.policy import encode_prompts, load_policy
+    from grto_cli.core.trainer import LoraParams
+
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0), beta=0.05,
+                       policy_lr=1e-2)
+    assert trainer.reference is None  # with LoRA the reference is the base with adapters disabled
+    trainable = [n for n, p in trainer.policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    metrics = trainer.step()
+    assert np.isfinite(metrics["kl"])
+    trainer.save_checkpoint(tmp_path / "last")
+    assert (tmp_path / "last/policy/adapter_config.json").is_file()
+
+    loaded = load_policy(tmp_path / "last/policy", prompt_template=TEMPLATE)  # base + adapter, merged
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    batch = encode_prompts(loaded, [image], ["the red circle"])
+    trainer.policy.model.eval()
+    with torch.no_grad():
+        expected = trainer.policy.model(**batch).logits
+        assert torch.allclose(loaded.model(**batch).logits, expected, atol=1e-4)
+        assert torch.allclose(merged_model(trainer.policy)(**batch).logits, expected, atol=1e-4)

@@ -31,7 +31,7 @@ def test_corrupt_image_is_skipped_and_counted_or_fails_under_strict(tmp_path, mo
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "data/prepared/cod10k/report.json").read_text())
     skipped = report["train"]["skipped_ids"]
-    assert skipped["unreadable image"] == ["COD10K-CAM-3-Flying-53-Bird-7"]
+    assert skipped["unreadable image"] == ["cod10k-train-COD10K-CAM-3-Flying-53-Bird-7"]
     assert report["train"]["kept"] == 2 and "unreadable image" in r.output
 
     shutil.rmtree(tmp_path / "data")

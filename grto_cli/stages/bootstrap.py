@@ -11,9 +11,10 @@ from grto_cli.core.grto import BootstrapConfig, collect_rollouts, read_rollout_c
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.system import TOOL_DIR, checkpoint_paths
 from grto_cli.core.tool import save_sam
-from grto_cli.stages.common import (ConfigError, console, load_stage_system, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
+from grto_cli.stages.system import load_stage_system
 
 
 @dataclass

@@ -109,15 +109,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_stage_system(paths, pol: PolicyParams):
-    """Policy + tool for a stage, on the device and dtype the ``policy`` section asks for."""
-    from grto_cli.core.system import load_system
-
-    device = pick_device(pol.device)
-    return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,
-                       pol.coord_convention)
-
-
 def pick_device(device: str = "auto") -> str:
     import torch
 

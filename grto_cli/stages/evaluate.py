@@ -15,8 +15,9 @@ from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import SegmentationMeter
 from grto_cli.core.system import checkpoint_paths
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, load_stage_system, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
+from grto_cli.stages.system import load_stage_system
 
 CAMOUFLAGE_DATASETS = {"cod10k", "nc4k"}
 

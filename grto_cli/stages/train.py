@@ -10,9 +10,10 @@ from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, recover_dir, write_json
 from grto_cli.core.system import TOOL_DIR, checkpoint_paths
 from grto_cli.core.trainer import RLConfig, Trainer, checkpoint_matches
-from grto_cli.stages.common import (ConfigError, console, load_stage_system, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
+from grto_cli.stages.system import load_stage_system
 
 
 @dataclass

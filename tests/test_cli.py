@@ -52,3 +52,19 @@ def test_unknown_override_is_refused_by_name(tmp_path, monkeypatch):
     shutil.copy(PARAMS, tmp_path / "params.yaml")
     r = _invoke(["evaluate", "--set", "evaluate.batchsize=3"], tmp_path, monkeypatch)
     assert r.exit_code == 2 and "batchsize" in r.output
+
+
+def test_pretrain_is_deterministic_given_a_seed(tmp_path, monkeypatch):
+    import hashlib
+
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    assert _invoke(["prepare", "synthetic", "--set", "prepare.sizes={train: 12, val: 2, testA: 2, testB: 2}"],
+                   tmp_path, monkeypatch).exit_code == 0
+    digests = []
+    for out in ("a", "b"):
+        r = _invoke(["pretrain", "--out", out, "--set", "pretrain.sam.steps=2", "--set", "pretrain.sft.steps=2",
+                     "--set", "pretrain.sam.batch_size=2", "--set", "pretrain.sft.batch_size=2"], tmp_path, monkeypatch)
+        assert r.exit_code == 0, r.output
+        digests.append([hashlib.sha256((tmp_path / out / f).read_bytes()).hexdigest()
+                        for f in ("tool/sam.pt", "policy/model.safetensors")])
+    assert digests[0] == digests[1]

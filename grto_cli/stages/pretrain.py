@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.policy import load_policy
@@ -41,6 +43,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     root = manifest.parent
     with atomic_dir(cfg.out) as tmp:
         arch = tiny_sam_arch(cfg.vlm.image_size)
+        torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
         tool = SamTool(build_sam(arch), arch)
         with progress_bar("tiny SAM on ground-truth prompts", cfg.sam.steps) as advance, \
                 StepLogger(Path(cfg.live) / "sam") as log:

@@ -9,6 +9,7 @@ and shared by every rollout of that image; the prompt encoder and mask decoder a
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -121,8 +122,12 @@ def save_sam(sam: Sam, arch: SamArch, out_dir: str | Path) -> Path:
     """Write ``sam.pt`` (a segment-anything-compatible state dict) and ``sam.yaml``, atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Through a buffer: torch.save names the zip's records after the target file, and the temp
+    # file's random name would make identical weights differ byte for byte.
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in sam.state_dict().items()}, buffer)
     with atomic_path(out_dir / SAM_WEIGHTS) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in sam.state_dict().items()}, tmp)
+        tmp.write_bytes(buffer.getvalue())
     write_text(out_dir / SAM_ARCH, yaml.safe_dump(asdict(arch), sort_keys=True))
     return out_dir / SAM_WEIGHTS
 

@@ -7,7 +7,6 @@ prompt encoder and mask decoder receive gradients; image embeddings come from th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -103,13 +102,6 @@ def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg:
 
 def write_rollout_cache(path: str | Path, rows: list[dict]) -> None:
     write_jsonl(path, rows)
-
-
-def read_rollout_cache(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"rollout cache not found: {path} (written by `grto bootstrap`)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def call_from_dict(d: dict | None) -> ToolCall | None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from grto_cli.core.data.records import read_manifest
-from grto_cli.core.grto import BootstrapConfig, collect_rollouts, read_rollout_cache, train_tool_on_cache, write_rollout_cache
+from grto_cli.core.grto import BootstrapConfig, collect_rollouts, train_tool_on_cache, write_rollout_cache
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.system import TOOL_DIR, checkpoint_paths
 from grto_cli.core.tool import save_sam
@@ -51,15 +51,14 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
             rows.append(row)
             advance(1)
     write_rollout_cache(cfg.cache, rows)
-    cache = read_rollout_cache(cfg.cache)
-    n_calls = sum(len(r["calls"]) for r in cache)
-    n_valid = sum(c is not None for r in cache for c in r["calls"])
+    n_calls = sum(len(r["calls"]) for r in rows)
+    n_valid = sum(c is not None for r in rows for c in r["calls"])
     del policy  # generation only: the policy is not needed for the tool steps
 
     by_id = {r.id: r for r in records}
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:
         try:
-            stats = train_tool_on_cache(tool, cache, by_id, manifest.parent, cfg, cfg.seed,
+            stats = train_tool_on_cache(tool, rows, by_id, manifest.parent, cfg, cfg.seed,
                                         on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
         except ValueError as exc:  # e.g. a base policy that never emits a parsable call
             raise ConfigError(f"bootstrap: {exc}") from None
@@ -69,6 +68,6 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
         write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg)},
                          {"train_manifest": manifest, "policy": paths.policy, "tool": paths.tool, "cache": cfg.cache},
                          results)
-    summary_table("bootstrap", {"queries": len(cache), **results, "out": cfg.out})
+    summary_table("bootstrap", {"queries": len(rows), **results, "out": cfg.out})
     console.print(f"bootstrapped tool written to {Path(cfg.out) / TOOL_DIR}")
     return results

@@ -79,6 +79,30 @@ def test_first_query_only_and_splits(tmp_path: Path) -> None:
     assert [r.id for r in out["train"][0]] == ["earthreason-train-airport_1-0"]
 
 
+def test_unpaired_files_report_the_first_missing_part(tmp_path: Path) -> None:
+    """A stem lacking several parts is reported once, for the first in images, labels, QAs order."""
+    base = make_earthreason(tmp_path)
+    train = base / "train"
+    _sample(train, "beach_5", None, None, [], seed=4)  # image only: the label is missing first
+    (train / "QAs" / "city_6.json").write_text(json.dumps({"questions": ["Where is downtown?"]}))  # QA only
+    Image.fromarray(_label()).save(train / "labels" / "dam_7.png")  # label only
+    _, report = read_source("earthreason", tmp_path, {"splits": ["train"]})["train"]
+    assert report.skipped == {"empty mask": ["earthreason-train-desert_2-0"],
+                              "missing mask": ["earthreason-train-beach_5"],
+                              "missing image": ["earthreason-train-city_6", "earthreason-train-dam_7"],
+                              "missing annotation": ["earthreason-train-farm_3"]}
+
+
+def test_blank_questions_are_skipped_one_by_one(tmp_path: Path) -> None:
+    base = make_earthreason(tmp_path)
+    _sample(base / "train", "beach_5", _label(), ["", " Where do waves break? ", "  "], [], seed=4)
+    train, report = read_source("earthreason", tmp_path, {"splits": ["train"]})["train"]
+    beach = [r for r in train if r.id.startswith("earthreason-train-beach_5")]
+    assert [(r.id, r.query, r.meta) for r in beach] == [
+        ("earthreason-train-beach_5-1", "Where do waves break?", {"query_index": 1})]
+    assert report.skipped["empty query"] == ["earthreason-train-beach_5-0", "earthreason-train-beach_5-2"]
+
+
 def test_missing_raw_and_missing_part_name_layout(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_source("earthreason", tmp_path, {})

@@ -14,8 +14,8 @@ import numpy as np
 from grto_cli.core.data.masks import encode_rle, mask_bbox
 from grto_cli.core.data.records import Record, SkipReport
 from grto_cli.core.data.sources import (EMPTY_MASK, IMAGE_EXTENSIONS, MISSING_IMAGE, MISSING_MASK,
-                                        SIZE_MISMATCH, UNREADABLE_MASK, ImageError, find_root, finish,
-                                        image_size, list_files, missing_data_error, read_gray, resolved,
+                                        SIZE_MISMATCH, UNREADABLE_MASK, find_root, finish, image_size_or_skip,
+                                        list_files, missing_data_error, pair_by_stem, read_gray, resolved,
                                         wanted_split)
 
 DEFAULT_INSTRUCTION = "Segment the camouflaged object in the image."
@@ -45,11 +45,10 @@ def _binary_mask(path: Path, threshold: int) -> np.ndarray | None:
 def _item(stem: str, image: Path, mask_path: Path, dataset: str, split: str, options: dict,
           report: SkipReport) -> Record | None:
     rid = f"{dataset}-{split}-{stem}"
-    try:
-        width, height = image_size(image)
-    except ImageError as exc:
-        report.skip(rid, exc.reason)
+    size = image_size_or_skip(image, [rid], report)
+    if size is None:
         return None
+    width, height = size
     mask = _binary_mask(mask_path, int(options.get("threshold", DEFAULT_THRESHOLD)))
     if mask is None:
         report.skip(rid, UNREADABLE_MASK)
@@ -73,15 +72,10 @@ def read_pairs(image_dir: Path, mask_dir: Path, dataset: str, split: str, option
     masks = {s: p for s, p in list_files(mask_dir, MASK_EXTENSIONS).items() if not exclude(s)}
     records: list[Record] = []
     report = SkipReport()
-    for stem in sorted(set(images) | set(masks)):
-        if stem not in masks:
-            report.skip(f"{dataset}-{split}-{stem}", MISSING_MASK)
-        elif stem not in images:
-            report.skip(f"{dataset}-{split}-{stem}", MISSING_IMAGE)
-        else:
-            record = _item(stem, images[stem], masks[stem], dataset, split, options, report)
-            if record is not None:
-                records.append(record)
+    for stem in pair_by_stem({MISSING_MASK: masks, MISSING_IMAGE: images}, dataset, split, report):
+        record = _item(stem, images[stem], masks[stem], dataset, split, options, report)
+        if record is not None:
+            records.append(record)
     return finish(records, report)
 
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from grto_cli.core.data.masks import encode_rle, mask_bbox
 from grto_cli.core.data.records import Record, SkipReport
-from grto_cli.core.data.sources import (EMPTY_MASK, EMPTY_QUERY, MISSING_ANNOTATION, MISSING_IMAGE,
-                                        MISSING_MASK, SIZE_MISMATCH, UNREADABLE_ANNOTATION, UNREADABLE_MASK,
-                                        ImageError, find_root, finish, image_size, list_files,
-                                        missing_data_error, query_subset, read_gray, resolved, skip_all,
-                                        wanted_split)
+from grto_cli.core.data.sources import (MISSING_ANNOTATION, MISSING_IMAGE, MISSING_MASK, SIZE_MISMATCH,
+                                        UNREADABLE_ANNOTATION, UNREADABLE_MASK, find_root, finish, list_files,
+                                        missing_data_error, pair_by_stem, queries_on_image, read_gray,
+                                        records_per_query, skip_all, wanted_split)
 
 SPLITS = ("train", "val", "test")
 LAYOUT = ("  <split>/images/<name>.jpg   (.jpg/.jpeg/.png)\n"
@@ -76,35 +74,20 @@ def _item_records(split: str, stem: str, image: Path, label: Path, qa: Path, opt
     except Exception:
         report.skip(base, UNREADABLE_ANNOTATION)
         return []
-    keep = query_subset(len(questions), options)
-    ids = [f"{base}-{k}" for k in keep]
-    try:
-        width, height = image_size(image)
-    except ImageError as exc:
-        skip_all(report, ids, exc.reason)
+    found = queries_on_image(base, len(questions), image, options, report)
+    if found is None:
         return []
+    ids, width, height = found
     gray = read_gray(label)
     if gray is None:
-        skip_all(report, ids, UNREADABLE_MASK)
+        skip_all(report, ids.values(), UNREADABLE_MASK)
         return []
     mask = gray != 0  # SegEarth-R1: mask[mask != 0] = 1
     if mask.shape != (height, width):
-        skip_all(report, ids, SIZE_MISMATCH)
+        skip_all(report, ids.values(), SIZE_MISMATCH)
         return []
-    if not mask.any():
-        skip_all(report, ids, EMPTY_MASK)
-        return []
-    rle, bbox = encode_rle(mask), mask_bbox(mask)
-    records = []
-    for rid, k in zip(ids, keep):
-        query = questions[k]
-        if not isinstance(query, str) or not query.strip():
-            report.skip(rid, EMPTY_QUERY)
-            continue
-        records.append(Record(id=rid, image=resolved(image), width=width, height=height, query=query.strip(),
-                              mask=dict(rle), bbox=list(bbox), dataset="earthreason", split=split,
-                              meta={"query_index": k}))
-    return records
+    return records_per_query(mask, questions, ids, report, image=image, width=width, height=height,
+                             dataset="earthreason", split=split)
 
 
 def read_split(root: Path, split: str, base: Path, options: dict) -> tuple[list[Record], SkipReport]:
@@ -114,12 +97,8 @@ def read_split(root: Path, split: str, base: Path, options: dict) -> tuple[list[
     qas = list_files(qa_dir, (".json", ".txt"))
     records: list[Record] = []
     report = SkipReport()
-    for stem in sorted(set(images) | set(labels) | set(qas)):
-        missing = (MISSING_IMAGE if stem not in images else MISSING_MASK if stem not in labels
-                   else MISSING_ANNOTATION if stem not in qas else None)
-        if missing:
-            report.skip(f"earthreason-{split}-{stem}", missing)
-            continue
+    for stem in pair_by_stem({MISSING_IMAGE: images, MISSING_MASK: labels, MISSING_ANNOTATION: qas},
+                             "earthreason", split, report):
         records.extend(_item_records(split, stem, images[stem], labels[stem], qas[stem], options, report))
     return finish(records, report)
 

@@ -54,9 +54,3 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
         return [0.0, 0.0, 0.0, 0.0]
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
-
-def mask_iou_counts(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
-    """(intersection, union) pixel counts of two boolean masks of one shape."""
-    if pred.shape != target.shape:
-        raise ValueError(f"mask shapes differ: {pred.shape} vs {target.shape}")
-    return int(np.logical_and(pred, target).sum()), int(np.logical_or(pred, target).sum())

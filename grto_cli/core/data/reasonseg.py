@@ -14,11 +14,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from grto_cli.core.data.masks import encode_rle, mask_bbox
+from grto_cli.core.data.masks import encode_rle
 from grto_cli.core.data.records import DataError, Record, SkipReport
-from grto_cli.core.data.sources import (EMPTY_MASK, EMPTY_QUERY, MISSING_ANNOTATION, MISSING_IMAGE,
-                                        UNREADABLE_ANNOTATION, ImageError, find_root, finish, image_size,
-                                        list_files, query_subset, resolved, skip_all, wanted_split)
+from grto_cli.core.data.sources import (MISSING_ANNOTATION, MISSING_IMAGE, UNREADABLE_ANNOTATION, find_root,
+                                        finish, list_files, pair_by_stem, queries_on_image, records_per_query,
+                                        skip_all, wanted_split)
 
 SPLITS = ("train", "val", "test")
 IGNORE_VALUE = 255  # LISA's value for "ignored during evaluation"
@@ -96,36 +96,21 @@ def _item_records(split: str, stem: str, image: Path, ann_path: Path, options: d
         return []
     if not _kind_matches(is_sentence, options.get("query_kind", "all")):
         return []
-    keep = query_subset(len(texts), options)
-    ids = [f"{base}-{k}" for k in keep]
-    try:
-        width, height = image_size(image)
-    except ImageError as exc:
-        skip_all(report, ids, exc.reason)
+    found = queries_on_image(base, len(texts), image, options, report)
+    if found is None:
         return []
+    ids, width, height = found
     try:
         label = lisa_label_mask(shapes, height, width)
     except Exception:
-        skip_all(report, ids, UNREADABLE_ANNOTATION)
+        skip_all(report, ids.values(), UNREADABLE_ANNOTATION)
         return []
     target, ignore = label == 1, label == IGNORE_VALUE
-    if not target.any():
-        skip_all(report, ids, EMPTY_MASK)
-        return []
-    rle, bbox = encode_rle(target), mask_bbox(target)
     meta: dict = {"is_sentence": is_sentence}
     if ignore.any():
         meta["ignore"] = encode_rle(ignore)
-    records = []
-    for rid, k in zip(ids, keep):
-        query = texts[k]
-        if not isinstance(query, str) or not query.strip():
-            report.skip(rid, EMPTY_QUERY)
-            continue
-        records.append(Record(id=rid, image=resolved(image), width=width, height=height, query=query.strip(),
-                              mask=dict(rle), bbox=list(bbox), dataset="reasonseg", split=split,
-                              meta={**meta, "query_index": k}))
-    return records
+    return records_per_query(target, texts, ids, report, image=image, width=width, height=height,
+                             dataset="reasonseg", split=split, meta=meta)
 
 
 def read_split(split_dir: Path, split: str, options: dict) -> tuple[list[Record], SkipReport]:
@@ -133,13 +118,9 @@ def read_split(split_dir: Path, split: str, options: dict) -> tuple[list[Record]
     annotations = list_files(split_dir, (".json",))
     records: list[Record] = []
     report = SkipReport()
-    for stem in sorted(set(images) | set(annotations)):
-        if stem not in annotations:
-            report.skip(f"reasonseg-{split}-{stem}", MISSING_ANNOTATION)
-        elif stem not in images:
-            report.skip(f"reasonseg-{split}-{stem}", MISSING_IMAGE)
-        else:
-            records.extend(_item_records(split, stem, images[stem], annotations[stem], options, report))
+    for stem in pair_by_stem({MISSING_ANNOTATION: annotations, MISSING_IMAGE: images}, "reasonseg", split,
+                             report):
+        records.extend(_item_records(split, stem, images[stem], annotations[stem], options, report))
     return finish(records, report)
 
 

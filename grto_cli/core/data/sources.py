@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from grto_cli.core.data.masks import encode_rle, mask_bbox
 from grto_cli.core.data.records import DataError, Record, SkipReport
 
 ReaderFn = Callable[[Path, dict], dict[str, tuple[list[Record], SkipReport]]]
@@ -133,6 +134,25 @@ def list_files(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def pair_by_stem(parts: dict[str, dict[str, Path]], dataset: str, split: str,
+                 report: SkipReport) -> Iterator[str]:
+    """Stems present in every one of ``parts`` (skip reason -> stem -> path), in sorted order.
+
+    A stem missing from some part is skipped as ``{dataset}-{split}-{stem}`` with the reason of
+    the first part (in ``parts`` order) that lacks it. A generator, so these skips interleave with
+    the caller's own per-item skips in stem order.
+    """
+    stems: set[str] = set()
+    for files in parts.values():
+        stems |= set(files)
+    for stem in sorted(stems):
+        missing = next((reason for reason, files in parts.items() if stem not in files), None)
+        if missing is not None:
+            report.skip(f"{dataset}-{split}-{stem}", missing)
+            continue
+        yield stem
+
+
 # ---------------------------------------------------------------------------------------------
 # Item helpers
 
@@ -210,3 +230,50 @@ def finish(records: list[Record], report: SkipReport) -> tuple[list[Record], Ski
 def query_subset(n: int, options: dict) -> range:
     """Indices of the queries to keep: all, or only the first (what LISA/SegEarth-R1 evaluate)."""
     return range(min(n, 1)) if options.get("first_query_only") else range(n)
+
+
+def image_size_or_skip(image: Path, ids: Iterable[str], report: SkipReport) -> tuple[int, int] | None:
+    """``image_size(image)``, or None after skipping every id in ``ids`` with the image's reason."""
+    try:
+        return image_size(image)
+    except ImageError as exc:
+        skip_all(report, ids, exc.reason)
+        return None
+
+
+def queries_on_image(base: str, n_queries: int, image: Path, options: dict,
+                     report: SkipReport) -> tuple[dict[int, str], int, int] | None:
+    """(ids, width, height) for an image asked ``n_queries`` queries, or None if the image is bad.
+
+    ``ids`` maps each query index that ``query_subset`` keeps to its record id ``{base}-{k}``; a
+    missing or unreadable image skips all of them.
+    """
+    ids = {k: f"{base}-{k}" for k in query_subset(n_queries, options)}
+    size = image_size_or_skip(image, ids.values(), report)
+    if size is None:
+        return None
+    return ids, size[0], size[1]
+
+
+def records_per_query(mask: np.ndarray, queries: Sequence, ids: dict[int, str], report: SkipReport, *,
+                      image: Path, width: int, height: int, dataset: str, split: str,
+                      meta: dict | None = None) -> list[Record]:
+    """One record per query index in ``ids`` (index -> record id), all on one image and mask.
+
+    An empty mask skips every id; an empty or non-string query skips its own id. Each record's
+    meta is ``meta`` plus its ``query_index``.
+    """
+    if not mask.any():
+        skip_all(report, ids.values(), EMPTY_MASK)
+        return []
+    rle, bbox = encode_rle(mask), mask_bbox(mask)
+    records = []
+    for k, rid in ids.items():
+        query = queries[k]
+        if not isinstance(query, str) or not query.strip():
+            report.skip(rid, EMPTY_QUERY)
+            continue
+        records.append(Record(id=rid, image=resolved(image), width=width, height=height, query=query.strip(),
+                              mask=dict(rle), bbox=list(bbox), dataset=dataset, split=split,
+                              meta={**(meta or {}), "query_index": k}))
+    return records

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import torch
 
+from grto_cli.core.answer import ToolCall
 from grto_cli.core.tiny import tiny_sam_arch
-from grto_cli.core.tool import SAM_PRESETS, SamTool, ToolCall, build_sam
+from grto_cli.core.tool import SAM_PRESETS, SamTool, build_sam
 
 
 def _timed(fn, repeats: int) -> float:

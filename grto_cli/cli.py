@@ -82,11 +82,17 @@ def bootstrap(out: Optional[str] = typer.Option(None, help="Output directory for
 def train(method: Optional[str] = typer.Option(None, help="grpo | grto | b-grto"),
           steps: Optional[int] = typer.Option(None, help="RL steps (a finished run continues to this count)."),
           out: Optional[str] = typer.Option(None, help="Output directory for the best-on-val system."),
+          fresh: bool = typer.Option(False, "--fresh", help="Start this configuration again: its earlier "
+                                     "checkpoints are moved aside (never deleted)."),
           params: str = PARAMS, set_: Optional[List[str]] = SET):
-    """RL training of the policy (and the tool, for grto / b-grto); resumes from its last checkpoint."""
+    """RL training of the policy (and the tool, for grto / b-grto).
+
+    Each configuration checkpoints into its own directory under train.checkpoints; a killed run
+    started again with the same configuration resumes from its last checkpoint.
+    """
     from grto_cli.stages import train as stage
 
-    _run(stage.run, params, set_, method=method, steps=steps, out=out)
+    _run(stage.run, params, set_, fresh=fresh, method=method, steps=steps, out=out)
 
 
 @app.command()

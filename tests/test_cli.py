@@ -38,7 +38,7 @@ def test_pretrain_then_evaluate_writes_metrics_predictions_and_sheet(tmp_path, m
     assert abs(metrics["giou"] - 100 * sum(r["iou"] for r in rows) / 6) < 1e-6
     assert (tmp_path / "res/testB/overlays.png").stat().st_size > 0
     assert (tmp_path / "plots" / "metrics").exists() is False  # nothing stray in the cwd
-    assert (tmp_path / "results/pretrain/policy/plots/metrics/sft_loss.tsv").is_file()
+    assert (tmp_path / "results/pretrain/policy/plots/metrics/sft/loss.tsv").is_file()
 
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grto_cli.core.grpo import aggregate, clipped_surrogate, group_advantages, k3_kl, policy_loss
+from grto_cli.core.metrics import LOSS_CLIP_FRAC, LOSS_KL, LOSS_POLICY, LOSS_RATIO_MEAN
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -208,8 +209,8 @@ def _batch(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_policy_loss_without_reference():
     logp, adv, mask = _batch()
     out = policy_loss(logp, logp + 0.1, adv, mask, ref_logp=None, beta=0.0)
-    assert out.stats["kl"] == 0.0
-    assert out.stats["ratio_mean"] == pytest.approx(math.exp(-0.1))
+    assert out.stats[LOSS_KL] == 0.0
+    assert out.stats[LOSS_RATIO_MEAN] == pytest.approx(math.exp(-0.1))
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError):
         policy_loss(logp, logp, adv, mask, ref_logp=None, beta=0.04)
@@ -225,8 +226,8 @@ def test_policy_loss_on_policy_gradient_is_minus_advantage_over_normaliser():
     expected = torch.where(mask.bool(), -adv[:, None] / n_tokens, torch.zeros_like(logp))
     assert torch.allclose(x.grad, expected, atol=1e-12)
     assert x.grad[0, 0].item() == pytest.approx(-1.5 / 9)
-    assert out.stats["ratio_mean"] == pytest.approx(1.0)
-    assert out.stats["kl"] == 0.0 and out.stats["clip_fraction"] == 0.0
+    assert out.stats[LOSS_RATIO_MEAN] == pytest.approx(1.0)
+    assert out.stats[LOSS_KL] == 0.0 and out.stats[LOSS_CLIP_FRAC] == 0.0
     # Loss value at ratio 1: -(sum over tokens of A) / 9 = -(3 * 1.5 - 2 * 0.5 + 4 * 0.25) / 9
     assert float(out.loss) == pytest.approx(-4.5 / 9)
 
@@ -236,16 +237,16 @@ def test_policy_loss_kl_term_and_stats():
     ref = logp - 0.5  # d = -0.5 on every token
     out = policy_loss(logp, logp.clone(), adv, mask, ref_logp=ref, beta=0.2, mode="token_mean")
     k = math.exp(-0.5) + 0.5 - 1
-    assert out.stats["kl"] == pytest.approx(k)
+    assert out.stats[LOSS_KL] == pytest.approx(k)
     assert float(out.loss) == pytest.approx(-4.5 / 9 + 0.2 * k)
-    assert out.stats["policy_loss"] == pytest.approx(-4.5 / 9)
+    assert out.stats[LOSS_POLICY] == pytest.approx(-4.5 / 9)
 
 
 def test_policy_loss_clip_fraction():
     # Two real tokens, one pushed past 1 + 0.2 with A > 0 (clipped), one inside; one padding token.
     logp, old = _logps([[1.5, 1.0, 9.0]])
     out = policy_loss(logp, old, torch.tensor([1.0], dtype=torch.float64), torch.tensor([[1, 1, 0]]))
-    assert out.stats["clip_fraction"] == pytest.approx(0.5)
+    assert out.stats[LOSS_CLIP_FRAC] == pytest.approx(0.5)
     assert float(out.loss) == pytest.approx(-(1.2 + 1.0) / 2)
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from grto_cli.core.policy import format_answer, parse_answer
+from grto_cli.core.answer import format_answer, parse_answer
 
 SIZE = (64, 64)  # (height, width)
 
@@ -58,3 +58,12 @@ def test_format_answer_round_trips_through_parser():
     assert text == '<answer>{"bbox": [4, 8, 20, 24], "points": [[10, 15]]}</answer>'
     parsed = parse_answer(text, (64, 128), (32, 64))
     assert parsed.call.box == (8, 16, 40, 48)
+
+
+def test_absolute_coordinates_scale_each_axis_by_its_own_resize():
+    """Processor-resized 100x250 -> 32x96 (height x width): x scales by 250/96, y by 100/32."""
+    text = '<answer>{"bbox": [48, 16, 96, 32], "points": [[24, 8]]}</answer>'
+    parsed = parse_answer(text, (100, 250), (32, 96), "absolute")
+    assert parsed.call.box == pytest.approx((125.0, 50.0, 250.0, 100.0))
+    assert parsed.call.points[0] == pytest.approx((62.5, 25.0))
+    assert format_answer((125.0, 50.0, 250.0, 100.0), (62.5, 25.0), (100, 250), (32, 96), "absolute") == text

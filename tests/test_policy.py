@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from grto_cli.core.answer import format_answer, parse_answer
 from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, load_policy, repeat_prompts,
-                                  sampling_config)
+                                  resized_sizes, sampling_config)
 
 
 def test_completion_mask_stops_after_first_eos_even_when_pad_is_eos():
@@ -60,3 +62,44 @@ def test_sampling_config_ignores_checkpoint_defaults(tiny_system):
     policy.model.generation_config.repetition_penalty = 1.3
     cfg = sampling_config(policy, 8, temperature=1.0)
     assert cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.repetition_penalty == 1.0
+
+
+def test_resized_sizes_are_what_the_processor_made_of_a_non_square_image(tiny_system):
+    """100x250 image, pixel budget 64x64: the processor scales height and width by different
+    factors, and resized_sizes must report (height, width) in that order."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
+    ip = policy.processor.image_processor
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 250, 3), dtype=np.uint8))
+    batch = encode_prompts(policy, [image], ["the red circle"])
+    # transformers keeps the pixel budget as size = {shortest_edge: min_pixels, longest_edge: max_pixels}
+    expected = smart_resize(100, 250, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+    (rh, rw), = resized_sizes(policy, batch)
+    assert (rh, rw) == tuple(expected)
+    assert rh / 100 != rw / 250  # each axis really has its own scale
+    # A box in original pixels survives the family's convention both ways (to 1 resized pixel).
+    box, point = (20.0, 10.0, 200.0, 90.0), (110.0, 50.0)
+    parsed = parse_answer(format_answer(box, point, (100, 250), (rh, rw), "absolute"), (100, 250), (rh, rw))
+    assert parsed.call.box == pytest.approx(box, abs=max(100 / rh, 250 / rw))
+    assert parsed.call.points[0] == pytest.approx(point, abs=max(100 / rh, 250 / rw))
+
+
+def test_a_right_padded_checkpoint_is_loaded_left_padded(tiny_system, tmp_path):
+    """Real Qwen checkpoints save padding_side "right"; generation and batched log-probs need left."""
+    import json
+    import shutil
+
+    from transformers import AutoProcessor
+
+    shutil.copytree(tiny_system / "policy", tmp_path / "policy")
+    config = tmp_path / "policy/tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["padding_side"] = "right"
+    config.write_text(json.dumps(data))
+    assert AutoProcessor.from_pretrained(str(tmp_path / "policy")).tokenizer.padding_side == "right"
+    policy = load_policy(tmp_path / "policy", prompt_template="Locate: {query}.")
+    batch = encode_prompts(policy, _images(2), ["a", "the shape left of the blue square"])
+    mask = batch["attention_mask"]
+    assert mask[:, -1].all() and (mask[:, 0] == 0).any()  # padding on the left only

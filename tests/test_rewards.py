@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grto_cli.core.policy import ParsedAnswer
+from grto_cli.core.answer import ParsedAnswer, ToolCall
 from grto_cli.core.rewards import RewardWeights, box_iou, compute_rewards, mask_iou, points_inside
-from grto_cli.core.tool import ToolCall
 
 H = W = 10
 TARGET_BOX = [2.0, 2.0, 6.0, 6.0]  # pixel-edge: rows/cols 2..5, 16 pixels

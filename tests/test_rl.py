@@ -1,17 +1,24 @@
-"""The RL loop on the tiny system: what each method may and may not change, rollouts, resume."""
+"""The RL loop on the tiny system: what each method may and may not change, rollouts, log-probs,
+loss normalisation under gradient accumulation, the reference, best-on-val, resume."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
+from grto_cli.core.answer import ToolCall
+from grto_cli.core.checkpoint import RunDir, load_system, save_system, system_paths
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.grto import tool_loss
+from grto_cli.core.metrics import (LOSS_KL, LOSS_RATIO_MEAN, ROLLOUT_COMPLETION_TOKENS, TOOL_LOSS,
+                                   TOOL_VALID_ROLLOUTS, VAL_CIOU, VAL_FORMAT_RATE, VAL_GIOU)
+from grto_cli.core.policy import completion_logprobs
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import SamplingParams
-from grto_cli.core.system import checkpoint_paths, load_system
 from grto_cli.core.tiny import tiny_sam_arch
-from grto_cli.core.tool import SamTool, ToolCall, build_sam
-from grto_cli.core.trainer import RLConfig, Trainer, checkpoint_matches
+from grto_cli.core.tool import SamTool, build_sam, load_sam
+from grto_cli.core.trainer import LoraParams, RLConfig, Schedule, Trainer
 
 TEMPLATE = "Locate: {query}."
 
@@ -24,12 +31,14 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _trainer(tiny_system, synthetic_data, method, **overrides):
-    policy, tool = load_system(checkpoint_paths(tiny_system), TEMPLATE)
+def _trainer(tiny_system, synthetic_data, method, pad_is_eos=False, **overrides):
+    policy, tool = load_system(system_paths(tiny_system), TEMPLATE)
+    if pad_is_eos:  # as many real checkpoints ship: padding with the EOS token
+        policy.tokenizer.pad_token = policy.tokenizer.eos_token
     train, _ = read_manifest(synthetic_data / "train.jsonl")
     val, _ = read_manifest(synthetic_data / "val.jsonl")
-    settings = dict(method=method, steps=2, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
-                    micro_batch=3, policy_lr=1e-3, tool_lr=1e-3, eval_limit=2)
+    settings = dict(method=method, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
+                    micro_batch=3, policy_lr=1e-3, tool_lr=1e-3)
     cfg = RLConfig(**{**settings, **overrides})
     return Trainer(cfg, policy, tool, train, val, synthetic_data)
 
@@ -72,7 +81,7 @@ def test_grpo_trains_policy_and_leaves_tool_bit_identical(tiny_system, synthetic
         assert all(np.isfinite(v) for v in metrics.values())
     assert _same(tool_before, _state(trainer.tool.sam))
     assert not _same(policy_before, _state(trainer.policy.model))
-    assert "tool_loss" not in metrics
+    assert TOOL_LOSS not in metrics
 
 
 def test_grto_trains_prompt_encoder_and_decoder_never_the_image_encoder(tiny_system, synthetic_data):
@@ -84,56 +93,166 @@ def test_grto_trains_prompt_encoder_and_decoder_never_the_image_encoder(tiny_sys
     decoder = [k for k in before if k.startswith("mask_decoder.")]
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in decoder)
-    assert sum(m["tool_valid_rollouts"] for m in steps) > 0
-    assert all(np.isfinite(m["tool_loss"]) for m in steps)
+    assert sum(m[TOOL_VALID_ROLLOUTS] for m in steps) > 0
+    assert all(np.isfinite(m[TOOL_LOSS]) for m in steps)
 
 
-def test_reference_pass_only_with_kl(tiny_system, synthetic_data):
+# ----------------------------------------------------------------------------- log-probs
+
+
+def test_trainer_logprobs_use_the_sampling_temperature(tiny_system, synthetic_data):
+    """Every log-prob the trainer computes (policy, old policy, reference) goes through one method;
+    it must be the sampling distribution, logits / T, and not T = 1."""
+    T = 0.7
+    trainer = _trainer(tiny_system, synthetic_data, "grpo",
+                       sampling=SamplingParams(group_size=4, temperature=T, max_new_tokens=32))
+    batch = trainer.rollouts(0)
+    model = trainer.policy.model
+    with torch.no_grad():
+        expected = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, T)
+        at_one = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, 1.0)
+        got = trainer.logprobs(model, batch, slice(None))
+    assert not torch.allclose(expected, at_one, atol=1e-3)  # the temperature matters for this batch
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_reference_pass_only_with_kl_and_kl_is_zero_at_the_start(tiny_system, synthetic_data):
     assert _trainer(tiny_system, synthetic_data, "grpo").reference is None
-    trainer = _trainer(tiny_system, synthetic_data, "grpo", beta=0.1)
+    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", beta=0.1, sampling=sampling)
     assert trainer.reference is not None
     metrics = trainer.step()
-    # First step: the policy still equals the reference, so the k3 KL is zero.
-    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    # First step: the policy still equals the reference, so the k3 KL is zero, if (and only if)
+    # both log-probs are taken at the same temperature.
+    assert metrics[LOSS_KL] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_old_logprobs_equal_the_first_epochs_own(tiny_system, synthetic_data):
+    """mu = 2: before the first update the ratio pi / pi_old is exactly 1 on every token."""
+    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", mu=2, sampling=sampling)
+    batch = trainer.rollouts(0)
+    old = trainer._logprobs_no_grad(trainer.policy.model, batch)
+    trainer.policy_opt.zero_grad()
+    stats = trainer.accumulate_policy_gradients(batch, torch.linspace(-1, 1, 8), old, None)
+    assert stats[LOSS_RATIO_MEAN] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "dr_grpo"])
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tiny_system, synthetic_data, mode):
+    """Micro-batches of 3, 3 and 2 sequences accumulate exactly the gradient of one 8-sequence pass:
+    the trainer passes one whole-batch normaliser to every micro-batch."""
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", loss_mode=mode)
+    batch = trainer.rollouts(0)
+    lengths = batch.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "completions of different lengths make token weighting matter"
+    advantages = torch.linspace(-1.0, 1.0, 8)
+    params = [p for p in trainer.policy.model.parameters() if p.requires_grad]
+    grads = []
+    for micro in (8, 3):
+        trainer.cfg.micro_batch = micro
+        trainer.policy.model.train()
+        trainer.policy_opt.zero_grad()
+        trainer.accumulate_policy_gradients(batch, advantages, None, None)
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, synthetic_data):
+    T = 0.7
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0), beta=0.05,
+                       policy_lr=1e-2, sampling=SamplingParams(group_size=4, temperature=T, max_new_tokens=32))
+    assert trainer.reference is None  # no second copy of the model
+    for _ in range(2):
+        trainer.step()
+    batch = trainer.rollouts(2)
+    base, _ = load_system(system_paths(tiny_system), TEMPLATE)
+    with torch.no_grad():
+        expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, T)
+    reference = trainer.reference_logprobs(batch)
+    current = trainer._logprobs_no_grad(trainer.policy.model, batch)
+    assert not torch.allclose(current, expected, atol=1e-3), "the adapters should have moved the policy"
+    assert torch.allclose(reference, expected, atol=1e-5)
+
+
+def test_pad_equal_to_eos_through_the_trainer(tiny_system, synthetic_data):
+    """With pad == eos, each completion still counts every token up to and including its first EOS."""
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", pad_is_eos=True)
+    eos = trainer.policy.eos_token_id
+    assert trainer.policy.pad_token_id == eos
+    batch = trainer.rollouts(0)
+    ids, mask = batch.completion_ids, batch.completion_mask  # (N, L)
+    ended = 0
+    for row, m in zip(ids, mask):
+        hits = (row == eos).nonzero().flatten()
+        length = int(hits[0]) + 1 if len(hits) else ids.shape[1]
+        ended += bool(len(hits))
+        assert m.tolist() == [1] * length + [0] * (ids.shape[1] - length)
+    assert ended > 0, "some completions must end with EOS for the test to mean anything"
+    before = _state(trainer.policy.model)
+    metrics = trainer.step()
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert metrics[ROLLOUT_COMPLETION_TOKENS] > 0
+    assert not _same(before, _state(trainer.policy.model))
+
+
+# ----------------------------------------------------------------------------- fit, best, resume
+
+
+def test_fit_keeps_the_best_on_val_system(tiny_system, synthetic_data, tmp_path):
+    trainer = _trainer(tiny_system, synthetic_data, "grto")
+    scripted = iter([10.0, 30.0, 20.0, 25.0])  # val gIoU at steps 0, 1, 2, 3
+    trainer.evaluate_val = lambda limit, batch_size: {VAL_GIOU: next(scripted), VAL_CIOU: 0.0, VAL_FORMAT_RATE: 0.0}
+    tools, policies = {}, {}
+
+    def log(step, metrics):
+        if VAL_GIOU in metrics:
+            tools[step], policies[step] = _state(trainer.tool.sam), _state(trainer.policy.model)
+
+    run = RunDir(tmp_path, {"test": "best"})
+    run.open()
+    state = trainer.fit(Schedule(steps=3, eval_every=1, checkpoint_every=1), run, log)
+    assert state.step == 3 and state.best_step == 1 and state.best_val_giou == 30.0
+    best_tool, _ = load_sam(run.best / "tool")
+    assert _same(tools[1], best_tool.state_dict())
+    best_policy, _ = load_system(system_paths(run.best), TEMPLATE)
+    assert _same(policies[1], best_policy.model.state_dict())
+    assert not _same(policies[3], best_policy.model.state_dict())  # not simply the last system
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_system, synthetic_data, tmp_path):
-    straight = _trainer(tiny_system, synthetic_data, "grto", steps=4)
-    straight_metrics = [straight.step() for _ in range(4)]
+    schedule = Schedule(steps=4, eval_every=0, checkpoint_every=2)
+    straight = _trainer(tiny_system, synthetic_data, "grto")
+    straight_metrics = []
+    straight.fit(schedule, RunDir(tmp_path / "a", {"run": 1}), lambda s, m: straight_metrics.append(m))
 
-    first = _trainer(tiny_system, synthetic_data, "grto", steps=4)
-    for _ in range(2):
-        first.step()
-    first.save_checkpoint(tmp_path / "last")
+    first = _trainer(tiny_system, synthetic_data, "grto")
+    run = RunDir(tmp_path / "b", {"run": 1})
+    run.open()
+    first.fit(Schedule(steps=2, eval_every=0, checkpoint_every=2), run)
     del first  # the process "dies" here
 
-    resumed = _trainer(tiny_system, synthetic_data, "grto", steps=4)
-    assert checkpoint_matches(tmp_path / "last", resumed.cfg)
-    resumed.load_checkpoint(tmp_path / "last")
-    assert resumed.state.step == 2 and resumed.state.resumed_from == 2
-    resumed_metrics = [resumed.step() for _ in range(2)]
-    assert resumed.state.step == 4
-    assert all(np.isfinite(v) for m in resumed_metrics for v in m.values())
+    resumed = _trainer(tiny_system, synthetic_data, "grto")
+    assert run.resumable()
+    resumed_metrics = []
+    resumed.fit(schedule, run, lambda s, m: resumed_metrics.append(m))
+    assert resumed.state.step == 4 and resumed.state.resumed_from == 2 and len(resumed_metrics) == 2
     # CPU float math is deterministic here, so the resumed run retraces the uninterrupted one.
     for a, b in zip(straight_metrics[2:], resumed_metrics):
-        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+        assert a == pytest.approx(b, abs=1e-6)
     sp, rp = _state(straight.policy.model), _state(resumed.policy.model)
     assert all(torch.allclose(sp[k], rp[k], atol=1e-5) for k in sp)
     st, rt = _state(straight.tool.sam), _state(resumed.tool.sam)
     assert all(torch.allclose(st[k], rt[k], atol=1e-5) for k in st)
 
 
-def test_checkpoint_of_another_config_is_not_resumed(tiny_system, synthetic_data, tmp_path):
-    trainer = _trainer(tiny_system, synthetic_data, "grto")
-    trainer.save_checkpoint(tmp_path / "last")
-    assert not checkpoint_matches(tmp_path / "last", _trainer(tiny_system, synthetic_data, "grpo").cfg)
-    # Raising the step budget keeps the run resumable (extend a finished run).
-    assert checkpoint_matches(tmp_path / "last", _trainer(tiny_system, synthetic_data, "grto", steps=50).cfg)
-
-
-def test_bad_method_and_top_p_are_refused():
-    with pytest.raises(ValueError, match="method"):
-        RLConfig(method="ppo").validate()
+@pytest.mark.parametrize("field,value,allowed", [
+    ("method", "ppo", "grpo"), ("loss_mode", "mean", "token_mean"), ("tool_loss", "dice", "dice_bce"),
+    ("tool_weighting", "best", "uniform")])
+def test_every_enumerated_option_is_validated_with_its_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError, match=f"{field}.*{value}.*{allowed}"):
+        RLConfig(**{field: value}).validate()
     with pytest.raises(ValueError, match="top_p"):
         RLConfig(sampling=SamplingParams(top_p=0.9)).validate()
 
@@ -141,17 +260,14 @@ def test_bad_method_and_top_p_are_refused():
 def test_lora_training_checkpoint_loads_back_merged(tiny_system, synthetic_data, tmp_path):
     from PIL import Image
 
-    from grto_cli.core.export import merged_model
     from grto_cli.core.policy import encode_prompts, load_policy
-    from grto_cli.core.trainer import LoraParams
 
     trainer = _trainer(tiny_system, synthetic_data, "grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0), beta=0.05,
                        policy_lr=1e-2)
-    assert trainer.reference is None  # with LoRA the reference is the base with adapters disabled
     trainable = [n for n, p in trainer.policy.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     metrics = trainer.step()
-    assert np.isfinite(metrics["kl"])
+    assert np.isfinite(metrics[LOSS_KL])
     trainer.save_checkpoint(tmp_path / "last")
     assert (tmp_path / "last/policy/adapter_config.json").is_file()
 
@@ -162,4 +278,9 @@ def test_lora_training_checkpoint_loads_back_merged(tiny_system, synthetic_data,
     with torch.no_grad():
         expected = trainer.policy.model(**batch).logits
         assert torch.allclose(loaded.model(**batch).logits, expected, atol=1e-4)
-        assert torch.allclose(merged_model(trainer.policy)(**batch).logits, expected, atol=1e-4)
+    # The export layout: adapters folded into a plain model.
+    save_system(copy.deepcopy(trainer.policy), trainer.tool, tmp_path / "merged", merge_lora=True)
+    assert not (tmp_path / "merged/policy/adapter_config.json").exists()
+    merged = load_policy(tmp_path / "merged/policy", prompt_template=TEMPLATE)
+    with torch.no_grad():
+        assert torch.allclose(merged.model(**batch).logits, expected, atol=1e-4)

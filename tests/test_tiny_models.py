@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
+from grto_cli.core.answer import ToolCall
 from grto_cli.core.policy import encode_prompts, load_policy
 from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
-from grto_cli.core.tool import SAM_PRESETS, SamTool, ToolCall, build_sam, load_sam, save_sam
+from grto_cli.core.tool import SAM_PRESETS, SamTool, build_sam, load_sam, save_sam
 
 
 def test_tiny_vlm_is_the_real_model_class_and_round_trips(tmp_path):

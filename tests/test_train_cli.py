@@ -19,7 +19,7 @@ from grto_cli.core.data.masks import decode_rle
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TRAIN_SMALL = ["--set", "train.queries_per_step=2", "--set", "train.sampling.group_size=4",
-               "--set", "train.sampling.max_new_tokens=32", "--set", "train.eval_every=0",
+               "--set", "train.sampling.max_new_tokens=32", "--set", "train.eval_every=2", "--set", "train.eval_limit=2",
                "--set", "train.checkpoint_every=1", "--set", "train.micro_batch=4"]
 
 
@@ -51,16 +51,30 @@ def test_bootstrap_writes_cache_and_tool(project):
     assert (project / "models/bootstrap/tool/sam.pt").is_file()
 
 
-def test_train_killed_with_sigkill_resumes_from_last_checkpoint(project):
+def _train(project, *args, background=False):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "grto_cli.cli", "train", "--method", "grto", "--steps", "6", *TRAIN_SMALL]
-    state = project / "checkpoints/train/last/state.json"
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "grto_cli.cli", "train", *args, *TRAIN_SMALL]
+    if background:
+        return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+
+
+def _latest_run(project) -> Path:
+    return project / "checkpoints/train" / (project / "checkpoints/train/latest").read_text().strip()
+
+
+def test_killed_run_resumes_after_another_configuration_ran(project):
+    """b-grto is killed after a checkpoint; a grpo run with the default paths comes and goes; the
+    b-grto run started again resumes from its own checkpoint, and nothing of either is deleted."""
+    proc = _train(project, "--steps", "6", background=True)
     try:
         deadline = time.monotonic() + 600
+        state = None
         while time.monotonic() < deadline and proc.poll() is None:
-            if state.is_file() and json.loads(state.read_text())["state"]["step"] >= 2:
-                break
+            if (project / "checkpoints/train/latest").is_file():
+                state = _latest_run(project) / "last/state.json"
+                if state.is_file() and json.loads(state.read_text())["state"]["step"] >= 2:
+                    break
             time.sleep(0.2)
         assert proc.poll() is None, "train finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
@@ -68,18 +82,53 @@ def test_train_killed_with_sigkill_resumes_from_last_checkpoint(project):
     finally:
         if proc.poll() is None:
             proc.kill()
+    bgrto = state.parent.parent
     killed_at = json.loads(state.read_text())["state"]["step"]
     assert 2 <= killed_at < 6
     assert not (project / "models/trained").exists()
 
-    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+    other = _train(project, "--method", "grpo", "--steps", "2", "--out", "models/grpo")
+    assert other.returncode == 0, other.stderr[-2000:]
+    grpo = _latest_run(project)
+    assert grpo != bgrto and (grpo / "last/state.json").is_file()
+    assert json.loads(state.read_text())["state"]["step"] == killed_at  # the b-grto run is untouched
+
+    done = _train(project, "--steps", "6")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in done.stderr
+    assert "resuming" in done.stderr and bgrto.name in done.stderr
     final = json.loads((project / "models/trained/train_state.json").read_text())
-    assert final["step"] == 6 and final["resumed_from"] >= killed_at
+    assert final["step"] == 6 and final["resumed_from"] == killed_at
+    assert (grpo / "last/state.json").is_file()  # the grpo run is untouched too
+    # Val ran (eval_every 2 on 2 val records) and the output is the best-on-val system, not the last.
+    best, last = bgrto / "best", bgrto / "last"
+    out_sam = (project / "models/trained/tool/sam.pt").read_bytes()
+    assert out_sam == (best / "tool/sam.pt").read_bytes()
+    if final["best_step"] != final["step"]:
+        assert out_sam != (last / "tool/sam.pt").read_bytes()
     losses = [float(line.split("\t")[-1]) for line in
-              (project / "results/train/plots/metrics/policy_loss.tsv").read_text().splitlines()[1:]]
+              (project / "results/train/plots/metrics/loss/policy.tsv").read_text().splitlines()[1:]]
     assert losses and np.isfinite(losses).all()
+
+
+def test_same_configuration_with_other_output_paths_resumes(project):
+    """Where outputs go is not part of what defines a run: a finished run asked for again with
+    another --out resumes at its last step (nothing to train) and writes the same system there."""
+    r = _train(project, "--steps", "6", "--out", "other/trained")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr
+    state = json.loads((project / "other/trained/train_state.json").read_text())
+    assert state["step"] == 6 and state["resumed_from"] == 6
+    assert (project / "other/trained/tool/sam.pt").read_bytes() == \
+        (project / "models/trained/tool/sam.pt").read_bytes()
+
+
+def test_fresh_moves_the_old_run_aside(project):
+    run = _latest_run(project)
+    r = _train(project, "--method", "grpo", "--steps", "2", "--out", "models/grpo", "--fresh")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" not in r.stderr
+    moved = [p for p in run.parent.iterdir() if p.name.startswith(_latest_run(project).name + ".moved-")]
+    assert moved and (moved[0] / "last/state.json").is_file()
 
 
 def test_predict_on_exported_bundle_reproduces_evaluate(project):

@@ -1,4 +1,5 @@
-"""The self-contained bundle `grto export` writes and `grto predict` reads:
+"""The self-contained bundle `grto export` writes and `grto predict` reads: a system in the
+checkpoint layout (LoRA merged) plus ``grto.yaml``::
 
     <bundle>/policy/    save_pretrained model (LoRA merged) + processor
     <bundle>/tool/      sam.pt (segment-anything state dict) + sam.yaml
@@ -11,35 +12,25 @@ from pathlib import Path
 
 import yaml
 
+from grto_cli.core.answer import ANSWER_FORMAT
+from grto_cli.core.checkpoint import POLICY_DIR, TOOL_DIR, SystemPaths, load_system, save_system
 from grto_cli.core.io import atomic_dir, write_text
-from grto_cli.core.policy import Policy, load_policy
-from grto_cli.core.system import POLICY_DIR, TOOL_DIR
-from grto_cli.core.tool import SamTool, load_sam, save_sam
+from grto_cli.core.policy import Policy
+from grto_cli.core.tool import SAM_ARCH, SAM_WEIGHTS, SamTool
 
 BUNDLE_FILE = "grto.yaml"
-ANSWER_FORMAT = '<answer>{"bbox": [x1, y1, x2, y2], "points": [[x, y]]}</answer>'
-
-
-def merged_model(policy: Policy):
-    """The policy's model with any LoRA adapters folded into the weights."""
-    model = policy.model
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
 
 
 def write_bundle(policy: Policy, tool: SamTool, out: str | Path, settings: dict, provenance: dict) -> Path:
     out = Path(out)
     with atomic_dir(out) as tmp:
-        merged_model(policy).save_pretrained(tmp / POLICY_DIR)
-        policy.processor.save_pretrained(tmp / POLICY_DIR)
-        save_sam(tool.sam, tool.arch, tmp / TOOL_DIR)
+        save_system(policy, tool, tmp, merge_lora=True)
         manifest = {
             "format": "grto-bundle/1",
             "policy": {"path": POLICY_DIR, "model_type": getattr(policy.model.config, "model_type", None),
                        "prompt_template": policy.prompt_template, "coord_convention": policy.coord_convention,
                        "answer_format": ANSWER_FORMAT, **settings},
-            "tool": {"weights": f"{TOOL_DIR}/sam.pt", "arch": f"{TOOL_DIR}/sam.yaml",
+            "tool": {"weights": f"{TOOL_DIR}/{SAM_WEIGHTS}", "arch": f"{TOOL_DIR}/{SAM_ARCH}",
                      "library": "segment-anything"},
             "provenance": provenance,
         }
@@ -55,8 +46,6 @@ def read_bundle(bundle: str | Path, device: str = "cpu", dtype: str = "float32")
                                 f"{POLICY_DIR}/ and {TOOL_DIR}/ written by `grto export`)")
     spec = yaml.safe_load(spec_file.read_text())
     p = spec["policy"]
-    policy = load_policy(bundle / p["path"], prompt_template=p["prompt_template"], device=device, dtype=dtype,
-                         coord_convention=p["coord_convention"])
-    policy.model.eval()
-    sam, arch = load_sam(bundle / TOOL_DIR)
-    return policy, SamTool(sam.to(device), arch), spec
+    policy, tool = load_system(SystemPaths(policy=str(bundle / p["path"]), tool=str(bundle / TOOL_DIR)),
+                               p["prompt_template"], device, dtype, coord_convention=p["coord_convention"])
+    return policy, tool, spec

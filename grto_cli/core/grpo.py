@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from grto_cli.core.metrics import LOSS_CLIP_FRAC, LOSS_KL, LOSS_POLICY, LOSS_RATIO_MEAN, LOSS_TOTAL
+
 AGGREGATION_MODES = ("sequence_mean", "token_mean", "dr_grpo")
 
 
@@ -105,6 +107,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser
     return total / float(normaliser)
 
 
+def batch_normaliser(mask: torch.Tensor, mode: str, max_new_tokens: int) -> float:
+    """``aggregate``'s denominator for a whole optimisation batch of completion masks (N, L): its
+    token count (token_mean), its sequence count (sequence_mean), or N * max_new_tokens (dr_grpo).
+    Computed once per batch and passed to every micro-batch's loss."""
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+    n = mask.shape[0]
+    return {"token_mean": float(mask.sum()), "sequence_mean": float(n),
+            "dr_grpo": float(n * max_new_tokens)}[mode]
+
+
 @dataclass
 class PolicyLossOutput:
     loss: torch.Tensor  # scalar, what to backward
@@ -146,10 +159,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     loss = aggregate(per_token, mask, mode, normaliser)
     with torch.no_grad():
         stats = {
-            "loss": float(loss),
-            "policy_loss": float(aggregate(surrogate, mask, mode, normaliser)),
-            "kl": _masked_mean(kl, mask) if kl is not None else 0.0,
-            "clip_fraction": _masked_mean(clipped.to(logp.dtype), mask),
-            "ratio_mean": _masked_mean(torch.exp(logp - old_logp), mask),
+            LOSS_TOTAL: float(loss),
+            LOSS_POLICY: float(aggregate(surrogate, mask, mode, normaliser)),
+            LOSS_KL: _masked_mean(kl, mask) if kl is not None else 0.0,
+            LOSS_CLIP_FRAC: _masked_mean(clipped.to(logp.dtype), mask),
+            LOSS_RATIO_MEAN: _masked_mean(torch.exp(logp - old_logp), mask),
         }
     return PolicyLossOutput(loss=loss, stats=stats)

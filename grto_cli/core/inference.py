@@ -8,11 +8,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
-from grto_cli.core.policy import (ParsedAnswer, Policy, decode_completions, encode_prompts, generate,
-                                  parse_answer, resized_sizes, sampling_config)
+from grto_cli.core.answer import ParsedAnswer, parse_answer
+from grto_cli.core.policy import Policy, decode_completions, encode_prompts, generate, resized_sizes, sampling_config
 from grto_cli.core.tool import SamTool
 
 
@@ -33,8 +34,6 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
                   max_new_tokens: int, require_think: bool = False
                   ) -> list[tuple[str, ParsedAnswer, np.ndarray]]:
     """Greedy answers and masks for a batch of (image, query) pairs."""
-    from PIL import Image
-
     batch = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
     completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens, greedy=True))
     texts = decode_completions(policy, completion_ids)

@@ -14,6 +14,28 @@ import numpy as np
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
+# Names of the metrics logged per step (dvclive, run records, docs), namespaced by what they measure.
+# rollout/: the sampled rollouts of a step; loss/: the policy objective; policy/, tool/: updates of
+# each part; val/: the validation split during training; sft/: the embedded default's warm-up.
+ROLLOUT_REWARD_MEAN = "rollout/reward_mean"
+ROLLOUT_REWARD_STD = "rollout/reward_std"
+ROLLOUT_FORMAT_RATE = "rollout/format_rate"
+ROLLOUT_IOU = "rollout/iou"
+ROLLOUT_ZERO_STD_GROUPS = "rollout/zero_std_groups"  # fraction of groups with equal rewards (no signal)
+ROLLOUT_COMPLETION_TOKENS = "rollout/completion_tokens"
+LOSS_TOTAL = "loss/total"  # surrogate + beta * KL: what is back-propagated
+LOSS_POLICY = "loss/policy"  # the clipped surrogate alone
+LOSS_KL = "loss/kl"
+LOSS_CLIP_FRAC = "loss/clip_frac"
+LOSS_RATIO_MEAN = "loss/ratio_mean"
+POLICY_GRAD_NORM = "policy/grad_norm"
+TOOL_LOSS = "tool/loss"
+TOOL_VALID_ROLLOUTS = "tool/valid_rollouts"
+VAL_GIOU = "val/giou"
+VAL_CIOU = "val/ciou"
+VAL_FORMAT_RATE = "val/format_rate"
+SFT_LOSS = "sft/loss"
+
 
 def sample_iou(intersection: int, union: int) -> float:
     # Both masks empty: nothing to find and nothing found counts as a perfect match.

@@ -3,33 +3,24 @@
 Loading goes through ``from_pretrained`` for the real checkpoints (Qwen2.5-VL first) and for the
 embedded default's tiny model alike. This module also owns the prompt template, generation with an
 explicit sampling configuration (never the checkpoint's own top-k/top-p/repetition defaults),
-per-token log-probs of completions, and the answer parser.
+and per-token log-probs of completions. The answer format and its parser live in ``answer``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from grto_cli.core.tool import ToolCall
+from grto_cli.core.answer import DEFAULT_TEMPLATE
 
-# How a model family writes coordinates: absolute pixels of the image the processor resized
-# (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
-COORD_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000"}
-DEFAULT_TEMPLATE = ("Please find \"{query}\" in the image. Think it through in <think> </think>, then give one "
-                    "box and one point inside the object as <answer>{{\"bbox\": [x1, y1, x2, y2], "
-                    "\"points\": [[x, y]]}}</answer>.")
-
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>", re.DOTALL)
+# How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
+# image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
+FAMILY_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000"}
 
 
 @dataclass
@@ -77,7 +68,7 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
                                                             trust_remote_code=trust_remote_code)
     model.to(device)
     model_type = getattr(model.config, "model_type", "")
-    convention = coord_convention or COORD_CONVENTIONS.get(model_type, "absolute")
+    convention = coord_convention or FAMILY_CONVENTIONS.get(model_type, "absolute")
     return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template)
 
 
@@ -192,97 +183,3 @@ def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: tor
 
 def decode_completions(policy: Policy, completion_ids: torch.Tensor) -> list[str]:
     return policy.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-
-
-# ----------------------------------------------------------------------------- answer parsing
-
-
-@dataclass(frozen=True)
-class ParsedAnswer:
-    call: ToolCall | None
-    status: str  # "ok" or why the answer is unusable
-
-    @property
-    def format_ok(self) -> bool:
-        return self.call is not None
-
-
-def _number(v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-        raise ValueError(f"not a finite number: {v!r}")
-    return float(v)
-
-
-def _to_pixels(x: float, y: float, convention: str, resized: tuple[int, int],
-               original: tuple[int, int]) -> tuple[float, float]:
-    oh, ow = original
-    if convention == "relative1000":
-        return x / 1000.0 * ow, y / 1000.0 * oh
-    rh, rw = resized
-    return x * ow / rw, y * oh / rh
-
-
-def parse_answer(text: str, original_size: tuple[int, int], resized_size: tuple[int, int] | None = None,
-                 convention: str = "absolute", require_think: bool = False) -> ParsedAnswer:
-    """Parse ``<answer>{"bbox": [...], "points": [[x, y], ...]}</answer>`` into a ToolCall.
-
-    Coordinates are mapped to original-image pixels and clipped to the image; a box with no area
-    left inside the image, or a point outside it, makes the answer unusable. Never raises.
-    """
-    resized_size = resized_size or original_size
-    matches = ANSWER_RE.findall(text)
-    if not matches:
-        return ParsedAnswer(None, "no answer tag")
-    if require_think and not THINK_RE.match(text):
-        return ParsedAnswer(None, "no think block")
-    try:
-        obj = json.loads(matches[-1].strip())
-    except (json.JSONDecodeError, ValueError):
-        return ParsedAnswer(None, "bad json")
-    if not isinstance(obj, dict):
-        return ParsedAnswer(None, "answer is not an object")
-    oh, ow = original_size
-    box = None
-    try:
-        if obj.get("bbox") is not None:
-            raw = obj["bbox"]
-            if not isinstance(raw, list) or len(raw) != 4:
-                return ParsedAnswer(None, "bbox needs 4 numbers")
-            x1, y1, x2, y2 = (_number(v) for v in raw)
-            (x1, y1), (x2, y2) = (_to_pixels(x1, y1, convention, resized_size, original_size),
-                                  _to_pixels(x2, y2, convention, resized_size, original_size))
-            x1, x2 = sorted((min(max(x1, 0.0), ow), min(max(x2, 0.0), ow)))
-            y1, y2 = sorted((min(max(y1, 0.0), oh), min(max(y2, 0.0), oh)))
-            if x2 - x1 < 1 or y2 - y1 < 1:
-                return ParsedAnswer(None, "empty bbox inside the image")
-            box = (x1, y1, x2, y2)
-        points = []
-        for p in obj.get("points") or []:
-            if not isinstance(p, list) or len(p) != 2:
-                return ParsedAnswer(None, "point needs 2 numbers")
-            x, y = _to_pixels(_number(p[0]), _number(p[1]), convention, resized_size, original_size)
-            if not (0 <= x <= ow and 0 <= y <= oh):
-                return ParsedAnswer(None, "point outside the image")
-            points.append((x, y))
-    except (ValueError, TypeError):
-        return ParsedAnswer(None, "coordinate is not a number")
-    if box is None and not points:
-        return ParsedAnswer(None, "no bbox and no points")
-    return ParsedAnswer(ToolCall(box=box, points=tuple(points)), "ok")
-
-
-def format_answer(box: Sequence[float], point: Sequence[float], original_size: tuple[int, int],
-                  resized_size: tuple[int, int], convention: str) -> str:
-    """The target answer for supervised warm-up, in the model family's coordinate convention."""
-    oh, ow = original_size
-    rh, rw = resized_size
-
-    def conv(x: float, y: float) -> tuple[int, int]:
-        if convention == "relative1000":
-            return round(x / ow * 1000), round(y / oh * 1000)
-        return round(x * rw / ow), round(y * rh / oh)
-
-    x1, y1 = conv(box[0], box[1])
-    x2, y2 = conv(box[2], box[3])
-    px, py = conv(point[0], point[1])
-    return f'<answer>{{"bbox": [{x1}, {y1}, {x2}, {y2}], "points": [[{px}, {py}]]}}</answer>'

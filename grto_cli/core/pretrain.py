@@ -7,6 +7,7 @@ leaving headroom for RL.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,18 +15,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from grto_cli.core.answer import ToolCall, format_answer
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
-from grto_cli.core.policy import Policy, encode_prompts, format_answer, resized_sizes
-from grto_cli.core.tool import SamTool, ToolCall, seg_loss
+from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
+from grto_cli.core.policy import Policy, encode_prompts, resized_sizes
+from grto_cli.core.tool import SamTool, seg_loss
 
 StepCallback = Callable[[int, dict], None]
 
 
 def warmup_cosine(optim: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    import math
-
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -105,7 +106,7 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
         loss.backward()
         optim.step()
         sched.step()
-        last = {"tool_loss": loss.item()}
+        last = {TOOL_LOSS: loss.item()}
         if on_step:
             on_step(step, last)
     sam.eval()
@@ -152,7 +153,7 @@ def train_policy_sft(policy: Policy, records: list[Record], root: Path, cfg: Pol
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
-        last = {"sft_loss": out.loss.item()}
+        last = {SFT_LOSS: out.loss.item()}
         if on_step:
             on_step(step, last)
     model.eval()

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-if TYPE_CHECKING:  # policy pulls in transformers; rewards only read .call
-    from grto_cli.core.policy import ParsedAnswer
-    from grto_cli.core.tool import ToolCall
+from grto_cli.core.answer import ParsedAnswer, ToolCall
 
 
 @dataclass

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from grto_cli.core.data.records import Record
-from grto_cli.core.policy import (ParsedAnswer, Policy, completion_logprobs, decode_completions, encode_prompts,
-                                  generate, parse_answer, repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
+from grto_cli.core.policy import (Policy, completion_logprobs, decode_completions, encode_prompts, generate,
+                                  repeat_prompts, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
-from grto_cli.core.tool import SamTool, ToolCall
+from grto_cli.core.tool import SamTool
 
 
 @dataclass

@@ -75,8 +75,9 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(tokenizer_corpus(), trainer)
+    # Saved right-padded, as Qwen's checkpoints are: ``load_policy`` must switch it to left padding.
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left")
+                                   padding_side="right")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -23,10 +23,12 @@ import yaml
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from grto_cli.core.answer import ToolCall
 from grto_cli.core.io import atomic_path, write_text
 
 SAM_WEIGHTS = "sam.pt"
 SAM_ARCH = "sam.yaml"
+SEG_LOSSES = ("dice_bce", "focal")
 # Logit given to pixels of a rollout whose answer could not be parsed: no mask, no gradient.
 NO_MASK_LOGIT = -20.0
 
@@ -130,17 +132,6 @@ def save_sam(sam: Sam, arch: SamArch, out_dir: str | Path) -> Path:
         tmp.write_bytes(buffer.getvalue())
     write_text(out_dir / SAM_ARCH, yaml.safe_dump(asdict(arch), sort_keys=True))
     return out_dir / SAM_WEIGHTS
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A parsed tool call in original-image pixel coordinates."""
-
-    box: tuple[float, float, float, float] | None = None
-    points: tuple[tuple[float, float], ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"bbox": list(self.box) if self.box else None, "points": [list(p) for p in self.points]}
 
 
 def trainable_tool_parameters(sam: Sam) -> list[torch.nn.Parameter]:
@@ -282,4 +273,4 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice_bce",
         p_t = prob * target + (1 - prob) * (1 - target)
         focal = (ce * (1 - p_t) ** focal_gamma).flatten(1).mean(1)
         return dice + 20.0 * focal  # SAM's own 20:1 focal:dice weighting
-    raise ValueError(f"unknown seg loss {kind!r}; expected dice_bce or focal")
+    raise ValueError(f"unknown seg loss {kind!r}; expected one of {SEG_LOSSES}")

@@ -1,4 +1,4 @@
-"""One RL loop for GRPO, GRTO and B-GRTO.
+"""One RL loop for GRPO, GRTO and B-GRTO, read top-down.
 
 grpo: the tool stays frozen (bit-identical). grto: the tool trains on the same rollouts from the
 base tool. b-grto: as grto, from the bootstrapped tool. Everything else is shared.
@@ -6,14 +6,13 @@ base tool. b-grto: as grto, from the bootstrapped tool. Everything else is share
 Per step: sample B queries (chosen by (seed, step), so a resumed run sees the same batches), G
 rollouts each, group-normalised advantages, mu epochs of the clipped surrogate (+ k3 KL to the
 frozen reference when beta > 0) over micro-batches with whole-batch loss normalisation, then one
-tool step on lambda_tool * L_tool.
+tool step on lambda_tool * L_tool. ``fit`` runs the steps, evaluates val, keeps the best-on-val
+system and writes resumable checkpoints into the run's directory (``checkpoint.RunDir``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,22 +20,25 @@ from typing import Callable
 import numpy as np
 import torch
 
+from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_system
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
-from grto_cli.core.grpo import group_advantages, policy_loss
-from grto_cli.core.grto import freeze_image_encoder, rollout_weights, tool_loss, tool_optimizer
+from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advantages, policy_loss
+from grto_cli.core.grto import TOOL_WEIGHTINGS, freeze_image_encoder, rollout_weights, tool_loss, tool_optimizer
 from grto_cli.core.inference import predict_records
-from grto_cli.core.io import atomic_dir, write_json
-from grto_cli.core.metrics import SegmentationMeter
+from grto_cli.core.io import atomic_dir
+from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, ROLLOUT_COMPLETION_TOKENS,
+                                   ROLLOUT_FORMAT_RATE, ROLLOUT_IOU, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
+                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_CIOU,
+                                   VAL_FORMAT_RATE, VAL_GIOU, SegmentationMeter)
 from grto_cli.core.policy import Policy
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
-from grto_cli.core.system import POLICY_DIR, TOOL_DIR
-from grto_cli.core.tool import SamTool, save_sam
+from grto_cli.core.tool import SEG_LOSSES, SamTool
 
 METHODS = ("grpo", "grto", "b-grto")
-LOSS_MODES = ("sequence_mean", "token_mean", "dr_grpo")
-SUMMED_STATS = {"loss", "policy_loss"}
+SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
+LogFn = Callable[[int, dict], None]
 
 
 @dataclass
@@ -49,8 +51,9 @@ class LoraParams:
 
 @dataclass
 class RLConfig:
+    """What defines a run: the algorithm. With the hashes of its inputs, it is the run's resume key."""
+
     method: str = "b-grto"
-    steps: int = 100
     queries_per_step: int = 8  # B
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mu: int = 1  # optimisation epochs per batch of rollouts
@@ -68,27 +71,28 @@ class RLConfig:
     tool_weighting: str = "uniform"
     rewards: RewardWeights = field(default_factory=RewardWeights)
     lora: LoraParams | None = None
-    eval_every: int = 25  # on val; the best val checkpoint becomes the output
-    eval_limit: int | None = None
-    eval_batch_size: int = 50
-    checkpoint_every: int = 10
     seed: int = 0
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.loss_mode not in LOSS_MODES:
-            raise ValueError(f"unknown loss_mode {self.loss_mode!r}; expected one of {LOSS_MODES}")
+        """Every enumerated option, checked before anything is loaded."""
+        for name, value, allowed in (("method", self.method, METHODS), ("loss_mode", self.loss_mode, AGGREGATION_MODES),
+                                     ("tool_loss", self.tool_loss, SEG_LOSSES),
+                                     ("tool_weighting", self.tool_weighting, TOOL_WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.sampling.top_p != 1.0:
             raise ValueError("sampling.top_p must be 1.0: training log-probs do not reproduce a top-p filter")
 
-    def resume_key(self) -> dict:
-        """What must match for a checkpoint to be resumed: everything but the run length and the
-        logging/evaluation cadence (so a finished run can be extended by raising `steps`)."""
-        d = asdict(self)
-        for k in ("steps", "eval_every", "eval_limit", "eval_batch_size", "checkpoint_every"):
-            d.pop(k)
-        return d
+
+@dataclass
+class Schedule:
+    """How long and how often: free to change when a run resumes (raise ``steps`` to extend it)."""
+
+    steps: int = 100
+    eval_every: int = 25  # on val; the best val checkpoint becomes the output; 0: never
+    eval_limit: int | None = None
+    eval_batch_size: int = 50
+    checkpoint_every: int = 10
 
 
 @dataclass
@@ -97,9 +101,6 @@ class TrainState:
     best_val_giou: float | None = None
     best_step: int | None = None
     resumed_from: int | None = None
-
-
-StepLog = Callable[[int, dict], None]
 
 
 class Trainer:
@@ -134,12 +135,62 @@ class Trainer:
 
     def _reference_model(self):
         if self.cfg.lora is not None:
-            return None  # the same model with adapters disabled (see _reference_logprobs)
+            return None  # the same model with adapters disabled (see reference_logprobs)
         ref = copy.deepcopy(self.policy.model).eval()
         ref.requires_grad_(False)
         return ref
 
+    # -- the whole run -------------------------------------------------------------------------
+
+    def fit(self, schedule: Schedule, run: RunDir, log: LogFn = lambda step, metrics: None,
+            progress: Callable[[int, dict | None], None] | None = None) -> TrainState:
+        """Train to ``schedule.steps``, resuming from ``run.last`` when it exists. Val is evaluated at
+        step 0 and every ``eval_every`` steps (the best-on-val system goes to ``run.best``); a
+        checkpoint is written every ``checkpoint_every`` steps and at the end. ``log(step, metrics)``
+        receives every metric; ``progress(step, metrics)`` is called once at the start (metrics None)
+        and after each step."""
+        progress = progress or (lambda step, metrics: None)
+        if run.resumable():
+            self.load_checkpoint(run.last)
+        progress(self.state.step, None)
+        if self.state.step == 0 and schedule.eval_every:
+            self._validate(schedule, run, log)  # the starting point competes for "best" too
+        while self.state.step < schedule.steps:
+            metrics = self.step()
+            step = self.state.step
+            log(step, metrics)
+            if schedule.eval_every and (step % schedule.eval_every == 0 or step == schedule.steps):
+                metrics.update(self._validate(schedule, run, log))
+            if step % schedule.checkpoint_every == 0 or step == schedule.steps:
+                self.save_checkpoint(run.last)
+            progress(step, metrics)
+        return self.state
+
+    def _validate(self, schedule: Schedule, run: RunDir, log: LogFn) -> dict:
+        val = self.evaluate_val(schedule.eval_limit, schedule.eval_batch_size)
+        log(self.state.step, val)
+        if self.state.best_val_giou is None or val[VAL_GIOU] > self.state.best_val_giou:
+            self.state.best_val_giou, self.state.best_step = val[VAL_GIOU], self.state.step
+            with atomic_dir(run.best) as tmp:
+                save_system(self.policy, self.tool, tmp)
+        return val
+
     # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        step = self.state.step
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # sampling noise is a function of (seed, step)
+        batch = self.rollouts(step)
+        rewards = batch.rewards
+        advantages, zero_std = group_advantages(rewards.total, batch.group_size, self.cfg.scale_by_std)  # (N,)
+        metrics = {ROLLOUT_REWARD_MEAN: rewards.total.mean().item(), ROLLOUT_REWARD_STD: rewards.total.std().item(),
+                   ROLLOUT_FORMAT_RATE: rewards.format_ok.float().mean().item(), ROLLOUT_IOU: rewards.iou.mean().item(),
+                   ROLLOUT_ZERO_STD_GROUPS: zero_std,
+                   ROLLOUT_COMPLETION_TOKENS: batch.completion_mask.sum(1).float().mean().item()}
+        metrics.update(self.policy_update(batch, advantages))
+        metrics.update(self.tool_update(batch, advantages))
+        self.state.step += 1
+        return metrics
 
     def _batch_records(self, step: int) -> list[Record]:
         rng = np.random.default_rng([self.cfg.seed, step])
@@ -159,14 +210,17 @@ class Trainer:
                              self.cfg.sampling, self.cfg.rewards, self.require_think,
                              image_keys=[str(r.image_path(self.root)) for r in records])
 
+    def logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice) -> torch.Tensor:
+        """Per-token log-probs (n, L) of some rollouts under ``model`` at the sampling temperature:
+        the one place every policy, old-policy and reference log-prob is computed."""
+        return rollout_logprobs(model, batch, rows, self.cfg.sampling.temperature)
+
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: RolloutBatch) -> torch.Tensor:
-        T = self.cfg.sampling.temperature
-        n = batch.completion_ids.shape[0]
-        return torch.cat([rollout_logprobs(model, batch, slice(s, s + self.cfg.micro_batch), T)
-                          for s in range(0, n, self.cfg.micro_batch)])
+        n, mb = batch.completion_ids.shape[0], self.cfg.micro_batch
+        return torch.cat([self.logprobs(model, batch, slice(s, s + mb)) for s in range(0, n, mb)])  # (N, L)
 
-    def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         if self.cfg.beta == 0:
             return None  # no reference pass at all
         if self.reference is not None:
@@ -178,154 +232,80 @@ class Trainer:
         cfg = self.cfg
         model = self.policy.model
         model.train()
-        mask = batch.completion_mask
-        n = mask.shape[0]
         # The sampling policy's log-probs: with mu == 1 the first (only) epoch's own log-probs,
         # detached, are exactly these, so the extra forward pass is skipped.
         old_logp = self._logprobs_no_grad(model, batch) if cfg.mu > 1 else None
-        ref_logp = self._reference_logprobs(batch)
-        normaliser = {"token_mean": float(mask.sum()), "sequence_mean": float(n),
-                      "dr_grpo": float(n * cfg.sampling.max_new_tokens)}[cfg.loss_mode]
+        ref_logp = self.reference_logprobs(batch)
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
             self.policy_opt.zero_grad()
-            for s in range(0, n, cfg.micro_batch):
-                rows = slice(s, s + cfg.micro_batch)
-                logp = rollout_logprobs(model, batch, rows, cfg.sampling.temperature)
-                old = old_logp[rows] if old_logp is not None else logp.detach()
-                out = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
-                                  ref_logp[rows] if ref_logp is not None else None, cfg.beta,
-                                  cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
-                out.loss.backward()
-                # Losses are already this micro-batch's share of the whole-batch loss (whole-batch
-                # normaliser), so they add up; per-token means are weighted by token share.
-                share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0)
-                for k, v in out.stats.items():
-                    totals[k] = totals.get(k, 0.0) + (v if k in SUMMED_STATS else v * share) / cfg.mu
+            stats = self.accumulate_policy_gradients(batch, advantages, old_logp, ref_logp)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.max_grad_norm)
             self.policy_opt.step()
-        totals["grad_norm"] = float(grad_norm)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.mu
+        totals[POLICY_GRAD_NORM] = float(grad_norm)
+        return totals
+
+    def accumulate_policy_gradients(self, batch: RolloutBatch, advantages: torch.Tensor,
+                                    old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict:
+        """One epoch of backward passes over micro-batches: the accumulated gradient is the gradient
+        of the whole-batch loss, whatever ``micro_batch`` is (one normaliser for the whole batch)."""
+        cfg = self.cfg
+        mask = batch.completion_mask  # (N, L)
+        normaliser = batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens)
+        total_tokens = max(float(mask.sum()), 1.0)
+        totals: dict[str, float] = {}
+        for s in range(0, mask.shape[0], cfg.micro_batch):
+            rows = slice(s, s + cfg.micro_batch)
+            logp = self.logprobs(self.policy.model, batch, rows)  # (n, L)
+            old = old_logp[rows] if old_logp is not None else logp.detach()
+            out = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
+                              ref_logp[rows] if ref_logp is not None else None, cfg.beta,
+                              cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
+            out.loss.backward()
+            # Losses are already this micro-batch's share of the whole-batch loss, so they add up;
+            # per-token means are weighted by the micro-batch's share of tokens.
+            share = float(mask[rows].sum()) / total_tokens
+            for k, v in out.stats.items():
+                totals[k] = totals.get(k, 0.0) + (v if k in SUMMED_STATS else v * share)
         return totals
 
     def tool_update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict:
         if not self.train_tool:
             return {}
-        weights = rollout_weights(advantages, batch.group_size, self.cfg.tool_weighting)
+        weights = rollout_weights(advantages, batch.group_size, self.cfg.tool_weighting)  # (N,)
         calls = [batch.group_calls(i) for i in range(len(batch.records))]
         loss, n_valid = tool_loss(self.tool, batch.embeddings, calls, batch.targets, self.cfg.tool_loss, weights)
         self.tool_opt.zero_grad()
         (self.cfg.lambda_tool * loss).backward()
         torch.nn.utils.clip_grad_norm_(self.tool_opt.param_groups[0]["params"], self.cfg.max_grad_norm)
         self.tool_opt.step()
-        return {"tool_loss": loss.item(), "tool_valid_rollouts": n_valid}
-
-    def step(self) -> dict:
-        step = self.state.step
-        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # sampling noise is a function of (seed, step)
-        batch = self.rollouts(step)
-        rewards = batch.rewards
-        advantages, zero_std = group_advantages(rewards.total, batch.group_size, self.cfg.scale_by_std)
-        metrics = {"reward_mean": rewards.total.mean().item(), "reward_std": rewards.total.std().item(),
-                   "format_rate": rewards.format_ok.float().mean().item(), "iou": rewards.iou.mean().item(),
-                   "zero_std_groups": zero_std,
-                   "completion_tokens": batch.completion_mask.sum(1).float().mean().item()}
-        metrics.update(self.policy_update(batch, advantages))
-        metrics.update(self.tool_update(batch, advantages))
-        self.state.step += 1
-        return metrics
+        return {TOOL_LOSS: loss.item(), TOOL_VALID_ROLLOUTS: n_valid}
 
     # -- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate_val(self) -> dict:
-        records = self.val_records[:self.cfg.eval_limit] if self.cfg.eval_limit else self.val_records
+    def evaluate_val(self, limit: int | None = None, batch_size: int = 50) -> dict:
+        records = self.val_records[:limit] if limit else self.val_records
         meter = SegmentationMeter()
         self.policy.model.eval()
-        for pred in predict_records(self.policy, self.tool, records, self.root, self.cfg.eval_batch_size,
+        for pred in predict_records(self.policy, self.tool, records, self.root, batch_size,
                                     self.cfg.sampling.max_new_tokens, self.require_think):
             meter.add(pred.mask, pred.record.decode_mask(), pred.parsed.format_ok)
         s = meter.summary()
-        return {"val_giou": s["giou"], "val_ciou": s["ciou"], "val_format_rate": s["format_rate"]}
+        return {VAL_GIOU: s["giou"], VAL_CIOU: s["ciou"], VAL_FORMAT_RATE: s["format_rate"]}
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_system(self, out: Path) -> None:
-        """policy/ + tool/ in the checkpoint layout every stage reads."""
-        save_policy(self.policy, out / POLICY_DIR)
-        save_sam(self.tool.sam, self.tool.arch, out / TOOL_DIR)
+    def _optimizers(self) -> dict:
+        return {"policy": self.policy_opt, "tool": self.tool_opt}
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Everything a killed run needs to go on, swapped in atomically."""
-        with atomic_dir(directory) as tmp:
-            self.save_system(tmp)
-            torch.save({"policy": self.policy_opt.state_dict(),
-                        "tool": self.tool_opt.state_dict() if self.tool_opt else None}, tmp / "optim.pt")
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-            write_json(tmp / "rng.json", {"numpy": _jsonable(np.random.get_state()),
-                                          "python": _jsonable(random.getstate())})
-            write_json(tmp / "state.json", {"state": asdict(self.state), "resume_key": self.cfg.resume_key()})
+        save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)})
 
     def load_checkpoint(self, directory: Path) -> None:
-        from grto_cli.core.tool import load_sam
-
-        sam, _ = load_sam(directory / TOOL_DIR)
-        self.tool.sam.load_state_dict(sam.state_dict())
-        load_policy_weights(self.policy, directory / POLICY_DIR)
-        optim = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
-        self.policy_opt.load_state_dict(optim["policy"])
-        if self.tool_opt is not None and optim["tool"] is not None:
-            self.tool_opt.load_state_dict(optim["tool"])
-        torch.set_rng_state(torch.load(directory / "rng.pt", weights_only=True)["torch"])
-        rng = json.loads((directory / "rng.json").read_text())
-        np.random.set_state(_unjson_numpy(rng["numpy"]))
-        random.setstate(_unjson_python(rng["python"]))
-        saved = json.loads((directory / "state.json").read_text())
+        saved = load_resume(directory, self.policy, self.tool, self._optimizers())
         self.state = TrainState(**saved["state"])
         self.state.resumed_from = self.state.step
-
-
-def checkpoint_matches(directory: Path, cfg: RLConfig) -> bool:
-    state = directory / "state.json"
-    if not state.is_file():
-        return False
-    saved = json.loads(state.read_text())
-    return json.loads(json.dumps(saved.get("resume_key"))) == json.loads(json.dumps(cfg.resume_key()))
-
-
-def save_policy(policy: Policy, out: Path) -> None:
-    """Model (a LoRA model saves its adapter, which from_pretrained loads onto its base) + processor."""
-    policy.model.save_pretrained(out)
-    policy.processor.save_pretrained(out)
-
-
-def load_policy_weights(policy: Policy, directory: Path) -> None:
-    model = policy.model
-    if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        set_peft_model_state_dict(model, load_peft_weights(str(directory)))
-        return
-    from transformers import AutoModelForImageTextToText
-
-    loaded = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict())
-
-
-def _jsonable(state):
-    if isinstance(state, tuple):
-        return [_jsonable(s) for s in state]
-    if isinstance(state, np.ndarray):
-        return {"ndarray": state.tolist(), "dtype": str(state.dtype)}
-    return state
-
-
-def _unjson_numpy(state):
-    name, keys, pos, has_gauss, cached = state
-    return (name, np.array(keys["ndarray"], dtype=keys["dtype"]), pos, has_gauss, cached)
-
-
-def _unjson_python(state):
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from grto_cli.core.io import atomic_path
-from grto_cli.core.tool import ToolCall
+from grto_cli.core.answer import ToolCall
 
 GT_COLOR = np.array([0, 200, 0])
 PRED_COLOR = np.array([230, 0, 200])

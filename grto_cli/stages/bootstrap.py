@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from grto_cli.core.data.records import read_manifest
-from grto_cli.core.grto import BootstrapConfig, collect_rollouts, train_tool_on_cache, write_rollout_cache
-from grto_cli.core.io import atomic_dir
-from grto_cli.core.system import TOOL_DIR, checkpoint_paths
-from grto_cli.core.tool import save_sam
+from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, train_tool_on_cache
+from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
+from grto_cli.core.io import atomic_dir, write_jsonl
+from grto_cli.core.metrics import TOOL_LOSS
 from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
@@ -32,6 +32,10 @@ class BootstrapStageConfig(BootstrapConfig):
 
 def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(f"bootstrap: {exc}") from None
     pol_cfg = policy_params(params, overrides)
     set_threads()
     quiet_transformers()
@@ -42,7 +46,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     records, _ = read_manifest(manifest)
     if cfg.max_queries:
         records = records[:cfg.max_queries]
-    paths = checkpoint_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
+    paths = system_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
     policy, tool = load_stage_system(paths, pol_cfg)
 
     rows = []
@@ -50,7 +54,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
         for row in collect_rollouts(policy, records, manifest.parent, cfg, pol_cfg.require_think):
             rows.append(row)
             advance(1)
-    write_rollout_cache(cfg.cache, rows)
+    write_jsonl(cfg.cache, rows)
     n_calls = sum(len(r["calls"]) for r in rows)
     n_valid = sum(c is not None for r in rows for c in r["calls"])
     del policy  # generation only: the policy is not needed for the tool steps
@@ -59,12 +63,12 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:
         try:
             stats = train_tool_on_cache(tool, rows, by_id, manifest.parent, cfg, cfg.seed,
-                                        on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
+                                        on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[TOOL_LOSS]:.3f}")))
         except ValueError as exc:  # e.g. a base policy that never emits a parsable call
             raise ConfigError(f"bootstrap: {exc}") from None
     results = {**stats, "rollouts": n_calls, "parsable_rollouts": n_valid}
     with atomic_dir(cfg.out) as tmp:
-        save_sam(tool.sam, tool.arch, tmp / TOOL_DIR)
+        save_tool(tool, tmp)
         write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg)},
                          {"train_manifest": manifest, "policy": paths.policy, "tool": paths.tool, "cache": cfg.cache},
                          results)

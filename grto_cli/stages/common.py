@@ -4,7 +4,6 @@ progress bars, the end-of-stage summary table and the small run record."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import platform
 import sys
@@ -19,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from grto_cli import __version__
-from grto_cli.core.io import write_json
+from grto_cli.core.answer import DEFAULT_TEMPLATE
+from grto_cli.core.io import hash_path, write_json
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -59,15 +59,35 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def build_config(cls: type[T], data: dict, where: str = "") -> T:
-    """Build a (nested) dataclass from a mapping, refusing unknown keys by name."""
+FLAT = {"flat": True}  # field metadata: a nested config whose keys sit at its parent's level
+
+
+def _flat_fields(cls) -> dict[str, str]:
+    """key -> the FLAT field of ``cls`` that owns it."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    owners = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            owners.update({k.name: f.name for k in dataclasses.fields(hints[f.name])})
+    return owners
+
+
+def build_config(cls: type[T], data: dict, where: str = "") -> T:
+    """Build a (nested) dataclass from a mapping, refusing unknown keys by name.
+
+    A field with ``metadata=FLAT`` is a dataclass composed in whose keys are written at this level
+    (``train.method`` fills ``TrainConfig.rl.method``), so params files stay flat.
+    """
+    hints = typing.get_type_hints(cls)
+    flat = _flat_fields(cls)
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("flat")}
+    unknown = sorted(set(data) - names - set(flat))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(names)}")
-    kwargs = {}
+        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; known: {sorted(names | set(flat))}")
+    kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key in flat:
+            continue
         hint = hints.get(key)
         # `X | None` fields (e.g. train.lora) hold a dataclass when given a mapping.
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
@@ -75,6 +95,9 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = build_config(hint, value, f"{where}.{key}" if where else key)
         kwargs[key] = value
+    for name in set(flat.values()):
+        part = {k: v for k, v in data.items() if flat.get(k) == name}
+        kwargs[name] = build_config(hints[name], part, where)
     return cls(**kwargs)
 
 
@@ -93,7 +116,7 @@ def stage_config(cls: type[T], params_path: str | Path, section: str, overrides:
 class PolicyParams:
     """The ``policy`` section every stage that runs the policy shares."""
 
-    prompt_template: str = "Locate: {query}."
+    prompt_template: str = DEFAULT_TEMPLATE
     require_think: bool = False  # format reward/parse demands <think>...</think> before <answer>
     coord_convention: str | None = None  # None: by model family (absolute for Qwen2.5-VL)
     trust_remote_code: bool = False
@@ -139,14 +162,17 @@ def quiet_transformers() -> None:
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[typing.Callable[[int], None]]:
-    """A rich progress bar; yields ``advance(n)``."""
+    """A rich progress bar; yields ``advance(n, info)`` (``completed=k`` sets the count instead)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str = "") -> None:
-            progress.update(task, advance=n, info=info)
+        def advance(n: int = 1, info: str = "", completed: int | None = None) -> None:
+            if completed is not None:
+                progress.update(task, completed=completed, info=info)
+            else:
+                progress.update(task, advance=n, info=info)
 
         yield advance
 
@@ -157,30 +183,6 @@ def summary_table(title: str, row: dict) -> None:
         table.add_column(str(key))
     table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
     console.print(table)
-
-
-def hash_path(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of a directory's files (relative names + contents), in sorted order.
-
-    Files over 64 MiB are hashed by size and their first and last MiB, so hashing a 7B checkpoint
-    stays cheap; that is enough to tell checkpoints apart for provenance.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with f.open("rb") as fh:
-            if size <= 64 << 20:
-                for block in iter(lambda: fh.read(chunk), b""):
-                    h.update(block)
-            else:
-                h.update(fh.read(chunk))
-                fh.seek(-chunk, os.SEEK_END)
-                h.update(fh.read(chunk))
-    return h.hexdigest()
 
 
 def versions() -> dict:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from grto_cli.core.checkpoint import system_paths
 from grto_cli.core.data.masks import decode_rle, encode_rle
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import SegmentationMeter
-from grto_cli.core.system import checkpoint_paths
 from grto_cli.core.visualize import overlay_sheet
 from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
@@ -72,7 +72,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     records, report = read_manifest(manifest, on_error=cfg.on_bad_record)
     if cfg.limit:
         records = records[:cfg.limit]
-    paths = checkpoint_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
+    paths = system_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
     policy, tool = load_stage_system(paths, pol_cfg)
 
     meter = SegmentationMeter()

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from grto_cli.core.checkpoint import load_system, system_paths
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.export import read_bundle, write_bundle
 from grto_cli.core.inference import predict_batch
-from grto_cli.core.io import atomic_path
-from grto_cli.core.system import checkpoint_paths, load_system
+from grto_cli.core.io import atomic_path, hash_path
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (hash_path, pick_device, pick_dtype, policy_params, quiet_transformers,
+from grto_cli.stages.common import (pick_device, pick_dtype, policy_params, quiet_transformers,
                                     stage_config, summary_table, versions)
 
 
@@ -31,7 +31,7 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> Path:
     cfg = stage_config(ExportConfig, params, "export", overrides, **explicit)
     pol_cfg = policy_params(params, overrides)
     quiet_transformers()
-    paths = checkpoint_paths(cfg.checkpoint)
+    paths = system_paths(cfg.checkpoint)
     # On the CPU (no accelerator needed to export); the policy section's dtype (bfloat16 for 7B) is kept.
     policy, tool = load_system(paths, pol_cfg.prompt_template, "cpu", pick_dtype(pol_cfg.dtype, "cpu"),
                                pol_cfg.trust_remote_code, pol_cfg.coord_convention)

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from grto_cli.core.data.records import read_manifest
+from grto_cli.core.checkpoint import POLICY_DIR, save_policy, save_tool
 from grto_cli.core.io import atomic_dir
-from grto_cli.core.policy import load_policy
+from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
+from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
-from grto_cli.core.system import POLICY_DIR, TOOL_DIR
 from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
-from grto_cli.core.tool import SamTool, build_sam, save_sam
+from grto_cli.core.tool import SamTool, build_sam
 from grto_cli.stages.common import (console, policy_params, progress_bar, set_threads, stage_config,
                                     summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
@@ -48,20 +49,19 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
         with progress_bar("tiny SAM on ground-truth prompts", cfg.sam.steps) as advance, \
                 StepLogger(Path(cfg.live) / "sam") as log:
             sam_stats = train_sam(tool, records, root, cfg.sam, cfg.seed,
-                                  on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['tool_loss']:.3f}")))
-        save_sam(tool.sam, arch, tmp / TOOL_DIR)
+                                  on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[TOOL_LOSS]:.3f}")))
+        save_tool(tool, tmp)
 
         # The untrained policy goes through save_pretrained/from_pretrained before training, so the
         # warm-up trains exactly what a real checkpoint load would give.
         model, processor = build_tiny_vlm(cfg.vlm, seed=cfg.seed)
-        model.save_pretrained(tmp / POLICY_DIR)
-        processor.save_pretrained(tmp / POLICY_DIR)
+        save_policy(Policy(model, processor, "absolute", pol_cfg.prompt_template), tmp)
         policy = load_policy(tmp / POLICY_DIR, prompt_template=pol_cfg.prompt_template)
         with progress_bar("tiny VLM supervised warm-up", cfg.sft.steps) as advance, \
                 StepLogger(Path(cfg.live) / "policy") as log:
             sft_stats = train_policy_sft(policy, records, root, cfg.sft, cfg.seed,
-                                         on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m['sft_loss']:.3f}")))
-        policy.model.save_pretrained(tmp / POLICY_DIR)
+                                         on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[SFT_LOSS]:.3f}")))
+        save_policy(policy, tmp)
         results = {**sam_stats, **sft_stats,
                    "policy_parameters": sum(p.numel() for p in policy.model.parameters()),
                    "tool_parameters": sum(p.numel() for p in tool.sam.parameters())}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from grto_cli.core.checkpoint import SystemPaths, load_system
 from grto_cli.core.policy import Policy
-from grto_cli.core.system import SystemPaths, load_system
 from grto_cli.core.tool import SamTool
 from grto_cli.stages.common import PolicyParams, pick_device, pick_dtype
 

@@ -1,0 +1,209 @@
+"""The one on-disk layout of a system (policy + tool) and of a training run; nothing else writes them.
+
+A system, as every stage writes and reads it::
+
+    <system>/policy/   a `save_pretrained` directory: model (or LoRA adapter) + processor
+    <system>/tool/     sam.pt (segment-anything state dict) + sam.yaml (architecture)
+
+A training run's checkpoints, one directory per run (its id is a short hash of what defines it:
+the algorithm config and the content hashes of its inputs), so runs of other configurations are
+never touched::
+
+    <checkpoints>/<run id>/run.json   what defines the run (the resume key), readable
+    <checkpoints>/<run id>/last/      a system + optim.pt, rng.pt, rng.json, state.json: to resume
+    <checkpoints>/<run id>/best/      the best-on-val system
+    <checkpoints>/latest              the id of the run written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grto_cli.core.io import atomic_dir, hash_path, recover_dir, write_json, write_text
+from grto_cli.core.policy import Policy, load_policy
+from grto_cli.core.tool import EmbeddingCache, SamTool, load_sam, save_sam
+
+POLICY_DIR = "policy"
+TOOL_DIR = "tool"
+LAST, BEST, LATEST, RUN_FILE = "last", "best", "latest", "run.json"
+
+
+# ----------------------------------------------------------------------------------- systems
+
+
+@dataclass
+class SystemPaths:
+    policy: str  # directory or hub id
+    tool: str  # directory with sam.pt + sam.yaml, or Meta's .pth file
+    tool_arch: str | dict | None = None
+
+
+def system_paths(system: str | Path | None, policy: str | None = None, tool: str | None = None,
+                 tool_arch: str | dict | None = None) -> SystemPaths:
+    """Where policy and tool come from; explicit paths win over the system layout."""
+    if system is None and (policy is None or tool is None):
+        raise ValueError("give a system directory, or both a policy and a tool path")
+    root = Path(system) if system is not None else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"system directory not found: {root} (expected {root}/{POLICY_DIR}/ "
+                                f"and {root}/{TOOL_DIR}/sam.pt + sam.yaml)")
+    return SystemPaths(policy=policy or str(root / POLICY_DIR), tool=tool or str(root / TOOL_DIR),
+                       tool_arch=tool_arch)
+
+
+def load_system(paths: SystemPaths, prompt_template: str, device: str = "cpu", dtype: str = "float32",
+                trust_remote_code: bool = False, coord_convention: str | None = None,
+                embedding_cache: EmbeddingCache | None = None) -> tuple[Policy, SamTool]:
+    policy = load_policy(paths.policy, prompt_template=prompt_template, device=device, dtype=dtype,
+                         trust_remote_code=trust_remote_code, coord_convention=coord_convention)
+    policy.model.eval()
+    sam, arch = load_sam(paths.tool, paths.tool_arch)
+    sam.to(device)
+    return policy, SamTool(sam, arch, embedding_cache)
+
+
+def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False) -> None:
+    """``<system>/policy``: the model (a LoRA model saves its adapter, which ``load_policy`` puts back
+    on its base; ``merge_lora`` folds the adapters in and saves a plain model) + the processor."""
+    model = policy.model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(Path(system) / POLICY_DIR)
+    policy.processor.save_pretrained(Path(system) / POLICY_DIR)
+
+
+def save_tool(tool: SamTool, system: str | Path) -> None:
+    save_sam(tool.sam, tool.arch, Path(system) / TOOL_DIR)
+
+
+def save_system(policy: Policy, tool: SamTool, system: str | Path, merge_lora: bool = False) -> None:
+    """Write into ``system`` (callers make it atomic with ``io.atomic_dir``)."""
+    save_policy(policy, system, merge_lora)
+    save_tool(tool, system)
+
+
+def load_system_weights(policy: Policy, tool: SamTool, system: str | Path) -> None:
+    """Load a saved system's weights into an already built policy + tool (in place)."""
+    system = Path(system)
+    sam, _ = load_sam(system / TOOL_DIR)
+    tool.sam.load_state_dict(sam.state_dict())
+    model = policy.model
+    if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(system / POLICY_DIR)))
+        return
+    from transformers import AutoModelForImageTextToText
+
+    loaded = AutoModelForImageTextToText.from_pretrained(str(system / POLICY_DIR),
+                                                         dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def input_fingerprint(path: str | Path | None) -> str | None:
+    """Content hash of a local input, or the name itself for a hub id (not a local path)."""
+    if path is None:
+        return None
+    return hash_path(path) if Path(path).exists() else f"hub:{path}"
+
+
+def run_id(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class RunDir:
+    """The checkpoint directory of one run (one resume key) under a checkpoints root."""
+
+    root: Path
+    key: dict
+
+    @property
+    def id(self) -> str:
+        return run_id(self.key)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.id
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    def open(self, fresh: bool = False) -> Path | None:
+        """Create the run directory (recovering a half-done swap of last/ or best/) and point
+        ``latest`` at it. ``fresh`` moves an existing one aside, never deleting it; returns where."""
+        moved = None
+        if fresh and self.path.exists():
+            moved = self.root / f"{self.id}.moved-{time.strftime('%Y%m%dT%H%M%S')}"
+            self.path.rename(moved)
+        self.path.mkdir(parents=True, exist_ok=True)
+        recover_dir(self.last)
+        recover_dir(self.best)
+        write_json(self.path / RUN_FILE, {"id": self.id, "key": self.key})
+        write_text(self.root / LATEST, self.id + "\n")
+        return moved
+
+    def resumable(self) -> bool:
+        return (self.last / "state.json").is_file()
+
+
+def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict[str, torch.optim.Optimizer | None],
+                state: dict) -> None:
+    """Everything a killed run needs to go on (system, optimisers, RNG states, loop state), swapped in atomically."""
+    with atomic_dir(directory) as tmp:
+        save_system(policy, tool, tmp)
+        torch.save({name: opt.state_dict() if opt is not None else None for name, opt in optimizers.items()},
+                   tmp / "optim.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "rng.json", {"numpy": _jsonable(np.random.get_state()), "python": _jsonable(random.getstate())})
+        write_json(tmp / "state.json", state)
+
+
+def load_resume(directory: Path, policy: Policy, tool: SamTool,
+                optimizers: dict[str, torch.optim.Optimizer | None]) -> dict:
+    """Restore what ``save_resume`` wrote, in place; returns the loop state."""
+    load_system_weights(policy, tool, directory)
+    saved = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
+    for name, opt in optimizers.items():
+        if opt is not None and saved.get(name) is not None:
+            opt.load_state_dict(saved[name])
+    torch.set_rng_state(torch.load(directory / "rng.pt", weights_only=True)["torch"])
+    rng = json.loads((directory / "rng.json").read_text())
+    np.random.set_state(_unjson_numpy(rng["numpy"]))
+    random.setstate(_unjson_python(rng["python"]))
+    return json.loads((directory / "state.json").read_text())
+
+
+def _jsonable(state):
+    if isinstance(state, tuple):
+        return [_jsonable(s) for s in state]
+    if isinstance(state, np.ndarray):
+        return {"ndarray": state.tolist(), "dtype": str(state.dtype)}
+    return state
+
+
+def _unjson_numpy(state):
+    name, keys, pos, has_gauss, cached = state
+    return (name, np.array(keys["ndarray"], dtype=keys["dtype"]), pos, has_gauss, cached)
+
+
+def _unjson_python(state):
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -68,3 +68,19 @@ def test_pretrain_is_deterministic_given_a_seed(tmp_path, monkeypatch):
         digests.append([hashlib.sha256((tmp_path / out / f).read_bytes()).hexdigest()
                         for f in ("tool/sam.pt", "policy/model.safetensors")])
     assert digests[0] == digests[1]
+
+
+def test_enumerated_options_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    """In an empty folder (no data, no models): the bad option is what gets reported, with the
+    allowed values, not a missing file found later."""
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    for args, allowed in ((["train", "--set", "train.tool_loss=dice"], "dice_bce"),
+                          (["train", "--method", "ppo"], "b-grto"),
+                          (["train", "--set", "train.loss_mode=mean"], "token_mean"),
+                          (["train", "--set", "train.tool_weighting=best"], "softmax"),
+                          (["bootstrap", "--set", "bootstrap.loss=l2"], "focal"),
+                          (["evaluate", "--set", "evaluate.on_bad_record=ignore"], "skip"),
+                          (["evaluate", "--set", "policy.coord_convention=pixels"], "relative1000")):
+        r = _invoke(args, tmp_path, monkeypatch)
+        assert r.exit_code == 2, (args, r.output)
+        assert allowed in r.output and "not found" not in r.output, (args, r.output)

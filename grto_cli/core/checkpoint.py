@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,12 @@ def save_system(policy: Policy, tool: SamTool, system: str | Path, merge_lora: b
     """Write into ``system`` (callers make it atomic with ``io.atomic_dir``)."""
     save_policy(policy, system, merge_lora)
     save_tool(tool, system)
+
+
+def copy_system(source: str | Path, system: str | Path) -> None:
+    """Copy the policy/ and tool/ of a saved system (a checkpoint holds more) into ``system``."""
+    for part in (POLICY_DIR, TOOL_DIR):
+        shutil.copytree(Path(source) / part, Path(system) / part)
 
 
 def load_system_weights(policy: Policy, tool: SamTool, system: str | Path) -> None:

@@ -31,11 +31,7 @@ class BootstrapStageConfig(BootstrapConfig):
 
 
 def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
-    cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise ConfigError(f"bootstrap: {exc}") from None
+    cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)  # validated
     pol_cfg = policy_params(params, overrides)
     set_threads()
     quiet_transformers()

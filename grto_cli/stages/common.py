@@ -18,10 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from grto_cli import __version__
-from grto_cli.core.answer import DEFAULT_TEMPLATE
+from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
 from grto_cli.core.io import hash_path, write_json
 
 console = Console(stderr=True)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 T = TypeVar("T")
 
 
@@ -103,13 +104,25 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
 
 def stage_config(cls: type[T], params_path: str | Path, section: str, overrides: list[str] | None = None,
                  **explicit: Any) -> T:
-    """The stage's config: params.yaml section, then ``--set`` overrides, then explicit CLI options."""
+    """The stage's config: params.yaml section, then ``--set`` overrides, then explicit CLI options.
+    A config with a ``validate()`` method is checked here, before a stage loads anything."""
     params = apply_overrides(load_params(params_path), overrides)
     data = dict(params.get(section) or {})
     for key, value in explicit.items():
         if value is not None:
             data[key] = value
-    return build_config(cls, data, section)
+    cfg = build_config(cls, data, section)
+    try:
+        getattr(cfg, "validate", lambda: None)()
+    except ValueError as exc:
+        raise ConfigError(f"{section}: {exc}") from None
+    return cfg
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Refuse a value outside an enumerated option, naming the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
 
 
 @dataclasses.dataclass
@@ -122,6 +135,10 @@ class PolicyParams:
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+
+    def validate(self) -> None:
+        check_choice("coord_convention", self.coord_convention, (None, *COORD_CONVENTIONS))
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 def policy_params(params_path: str | Path, overrides: list[str] | None = None) -> PolicyParams:

@@ -15,7 +15,7 @@ from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import SegmentationMeter
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (check_choice, console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.system import load_stage_system
 
@@ -36,6 +36,9 @@ class EvaluateConfig:
     limit: int | None = None  # evaluate only the first N records (quick looks; never for reported numbers)
     n_visual: int = 8
     on_bad_record: str = "fail"  # fail | skip
+
+    def validate(self) -> None:
+        check_choice("on_bad_record", self.on_bad_record, ("fail", "skip"))
 
 
 def _target_and_pred(pred: Prediction) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,8 @@ from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
 from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
-from grto_cli.core.tool import SamTool, build_sam
-from grto_cli.stages.common import (console, policy_params, progress_bar, set_threads, stage_config,
+from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
+from grto_cli.stages.common import (check_choice, console, policy_params, progress_bar, set_threads, stage_config,
                                     summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 
@@ -33,6 +33,9 @@ class PretrainConfig:
     vlm: TinyVLMArch = field(default_factory=TinyVLMArch)
     sft: PolicySftConfig = field(default_factory=PolicySftConfig)
     sam: SamTrainConfig = field(default_factory=SamTrainConfig)
+
+    def validate(self) -> None:
+        check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
 
 
 def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:

@@ -8,16 +8,15 @@ directory; a run of another configuration never touches it; ``--fresh`` moves it
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from grto_cli.core.checkpoint import POLICY_DIR, TOOL_DIR, RunDir, input_fingerprint, system_paths
+from grto_cli.core.checkpoint import TOOL_DIR, RunDir, copy_system, input_fingerprint, system_paths
 from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import RLConfig, Schedule, Trainer
-from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, pick_device, pick_dtype, policy_params,
+from grto_cli.stages.common import (FLAT, PolicyParams, console, pick_device, pick_dtype, policy_params,
                                     progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
                                     write_run_record)
 from grto_cli.stages.live import StepLogger
@@ -38,6 +37,9 @@ class TrainConfig:
     out: str = "models/trained"  # the best-on-val system
     checkpoints: str = "checkpoints/train"  # <run id>/last (resume) and <run id>/best
     live: str = "results/train"
+
+    def validate(self) -> None:
+        self.rl.validate()
 
 
 def _initial_tool(cfg: TrainConfig) -> str | None:
@@ -61,11 +63,7 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
 
 
 def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
-    cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)
-    try:
-        cfg.rl.validate()
-    except ValueError as exc:
-        raise ConfigError(f"train: {exc}") from None
+    cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)  # validated: nothing loaded yet
     pol_cfg = policy_params(params, overrides)
     set_threads()
     quiet_transformers()
@@ -95,8 +93,7 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
 
     source = run_dir.best if run_dir.best.is_dir() else run_dir.last
     with atomic_dir(cfg.out) as tmp:
-        for part in (POLICY_DIR, TOOL_DIR):
-            shutil.copytree(source / part, tmp / part)
+        copy_system(source, tmp)
         write_json(tmp / "train_state.json", asdict(state))
         write_run_record(tmp / "run.json", "train", {"train": asdict(cfg), "policy": asdict(pol_cfg)},
                          inputs, {**asdict(state), "run_id": run_dir.id})

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from grto_cli.cli import app
@@ -29,11 +30,15 @@ def test_pretrain_then_evaluate_writes_metrics_predictions_and_sheet(tmp_path, m
     r = _invoke(["evaluate", "--split", "testB", "--out", "res/testB/metrics.json"], tmp_path, monkeypatch)
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "res/testB/metrics.json").read_text())
-    for key in ("giou", "ciou", "precision@0.5", "precision@0.9", "format_rate", "n"):
+    for key in ("giou", "ciou", "precision@0.5", "precision@0.9", "format_rate", "n", "call_box_iou",
+                "point_in_target", "distinct_calls", "distinct_call_ratio", "prompt_adherence", "oracle_giou"):
         assert key in metrics
+    assert 0 <= metrics["oracle_giou"] <= 100 and 0 <= metrics["call_box_iou"] <= 1
     assert metrics["n"] == 6
     rows = [json.loads(line) for line in (tmp_path / "res/testB/predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {"id", "completion", "status", "iou", "mask"} <= set(rows[0])
+    assert len(rows) == 6 and {"id", "completion", "status", "iou", "mask", "call_box_iou",
+                               "point_in_target"} <= set(rows[0])
+    assert metrics["call_box_iou"] == pytest.approx(sum(r["call_box_iou"] for r in rows) / 6)
     # gIoU is the mean of the per-sample IoUs the predictions file reports.
     assert abs(metrics["giou"] - 100 * sum(r["iou"] for r in rows) / 6) < 1e-6
     assert (tmp_path / "res/testB/overlays.png").stat().st_size > 0

@@ -40,3 +40,48 @@ def test_partial_overlap_and_unparsed_answer_counts():
     assert s["format_rate"] == pytest.approx(50.0)
     assert s["n_unparsed"] == 1
     assert s["precision@0.5"] == 0.0
+
+
+def test_doctests_of_the_metric_functions():
+    import doctest
+
+    from grto_cli.core import metrics
+
+    result = doctest.testmod(metrics)
+    assert result.attempted >= 10 and result.failed == 0
+
+
+def test_grounding_meter_exposes_a_policy_that_answers_the_same_box_for_everything():
+    """Two systems with the same masks: one whose calls follow the targets, one that answers one
+    box for every query while its tool paints the target anyway. gIoU cannot tell them apart;
+    the policy and adherence terms do."""
+    from grto_cli.core.answer import ToolCall
+    from grto_cli.core.metrics import GroundingMeter
+
+    targets = [((2, 6, 2, 6), [2.0, 2.0, 6.0, 6.0]), ((10, 16, 10, 18), [10.0, 10.0, 18.0, 16.0]),
+               ((0, 4, 12, 20), [12.0, 0.0, 20.0, 4.0])]
+    grounded, collapsed = GroundingMeter(), GroundingMeter()
+    fixed = ToolCall(box=(0.0, 0.0, 4.0, 4.0), points=((1.0, 1.0),))
+    for rows_cols, box in targets:
+        target = _mask((20, 20), rows_cols)
+        x1, y1, x2, y2 = box
+        grounded.add(ToolCall(box=tuple(box), points=(((x1 + x2) / 2, (y1 + y2) / 2),)), target, target, box, target)
+        collapsed.add(fixed, target, target, box, target)
+    g, c = grounded.summary(), collapsed.summary()
+    assert g["call_box_iou"] == pytest.approx(1.0) and g["point_in_target"] == 1.0
+    assert g["distinct_calls"] == 3 and g["prompt_adherence"] == pytest.approx(1.0)
+    assert c["distinct_calls"] == 1 and c["distinct_call_ratio"] == pytest.approx(1 / 3)
+    assert c["call_box_iou"] < 0.2 and c["point_in_target"] == 0.0
+    assert c["prompt_adherence"] < 0.5  # the tool painted outside the box it was given
+    assert g["oracle_giou"] == c["oracle_giou"] == 100.0
+
+
+def test_unparsable_answers_count_as_zero_in_the_policy_terms():
+    from grto_cli.core.metrics import GroundingMeter
+
+    meter = GroundingMeter()
+    target = _mask((8, 8), (0, 4, 0, 4))
+    meter.add(None, np.zeros((8, 8), bool), target, [0.0, 0.0, 4.0, 4.0])
+    s = meter.summary()
+    assert s["call_box_iou"] == 0.0 and s["point_in_target"] == 0.0 and s["distinct_calls"] == 0
+    assert s["prompt_adherence"] is None and s["prompt_adherence_n"] == 0 and "oracle_giou" not in s

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from grto_cli.core.answer import ParsedAnswer, ToolCall
-from grto_cli.core.rewards import RewardWeights, box_iou, compute_rewards, mask_iou, points_inside
+from grto_cli.core.metrics import box_iou, points_inside
+from grto_cli.core.rewards import RewardWeights, compute_rewards, mask_iou
 
 H = W = 10
 TARGET_BOX = [2.0, 2.0, 6.0, 6.0]  # pixel-edge: rows/cols 2..5, 16 pixels

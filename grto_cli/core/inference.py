@@ -12,7 +12,8 @@ from PIL import Image
 
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
-from grto_cli.core.answer import ParsedAnswer, parse_answer
+from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
+from grto_cli.core.data.masks import interior_point
 from grto_cli.core.policy import Policy, decode_completions, encode_prompts, generate, resized_sizes, sampling_config
 from grto_cli.core.tool import SamTool
 
@@ -23,17 +24,25 @@ class Prediction:
     completion: str
     parsed: ParsedAnswer
     probability: np.ndarray  # HxW float32 in [0, 1]; all zeros for an unparsable answer
+    oracle: np.ndarray | None = None  # HxW bool: the tool on the ground-truth prompt (when asked for)
 
     @property
     def mask(self) -> np.ndarray:
         return self.probability > 0.5
 
 
+def oracle_call(record: Record) -> ToolCall:
+    """The prompt a perfect policy would give: the target's box and a point well inside it."""
+    return ToolCall(box=tuple(record.bbox), points=(interior_point(record.decode_mask()),))
+
+
 @torch.no_grad()
 def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], queries: Sequence[str],
-                  max_new_tokens: int, require_think: bool = False
-                  ) -> list[tuple[str, ParsedAnswer, np.ndarray]]:
-    """Greedy answers and masks for a batch of (image, query) pairs."""
+                  max_new_tokens: int, require_think: bool = False,
+                  oracle_calls: Sequence[ToolCall] | None = None
+                  ) -> list[tuple[str, ParsedAnswer, np.ndarray, np.ndarray | None]]:
+    """Greedy answers and masks for a batch of (image, query) pairs: (text, parsed, probability,
+    oracle mask). With ``oracle_calls``, the tool also decodes those prompts on the same embeddings."""
     batch = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
     completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens, greedy=True))
     texts = decode_completions(policy, completion_ids)
@@ -44,15 +53,20 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
         parsed = parse_answer(text, size, resized, policy.coord_convention, require_think)
         logits = tool.decode(embeddings[i:i + 1], [parsed.call], size)[0]
         prob = torch.sigmoid(logits).float().cpu().numpy() if parsed.call else np.zeros(size, np.float32)
-        out.append((text, parsed, prob))
+        oracle = None
+        if oracle_calls is not None:
+            oracle = (tool.decode(embeddings[i:i + 1], [oracle_calls[i]], size)[0] > 0).cpu().numpy()
+        out.append((text, parsed, prob, oracle))
     return out
 
 
 def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, batch_size: int,
-                    max_new_tokens: int, require_think: bool = False) -> Iterator[Prediction]:
+                    max_new_tokens: int, require_think: bool = False, oracle: bool = False) -> Iterator[Prediction]:
+    """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt."""
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         images = [load_rgb(r.image_path(root)) for r in chunk]
-        for r, (text, parsed, prob) in zip(chunk, predict_batch(policy, tool, images, [r.query for r in chunk],
-                                                                max_new_tokens, require_think)):
-            yield Prediction(record=r, completion=text, parsed=parsed, probability=prob)
+        oracle_calls = [oracle_call(r) for r in chunk] if oracle else None
+        for r, (text, parsed, prob, oracle_mask) in zip(chunk, predict_batch(
+                policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls)):
+            yield Prediction(record=r, completion=text, parsed=parsed, probability=prob, oracle=oracle_mask)

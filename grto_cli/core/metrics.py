@@ -1,16 +1,26 @@
-"""Segmentation metrics as papers report them.
+"""Segmentation metrics as papers report them, and diagnostics that tell the policy's part from the tool's.
 
 gIoU: mean of per-sample IoU. cIoU: total intersection over total union (large objects weigh more).
 precision@k: fraction of samples with IoU > k. All in percent. A sample whose answer could not be
 parsed counts with an empty prediction (IoU 0, its ground-truth area in cIoU's union); nothing is
 skipped silently.
+
+Policy and tool diagnostics (fractions in [0, 1], ``GroundingMeter``): does the policy's call point
+at the target (``call_box_iou``, ``point_in_target``), does it answer differently for different
+queries (``distinct_calls``), does the tool keep to the call it was given (``prompt_adherence``), and
+how well does the tool do on ground-truth prompts for the same samples (``oracle_giou``, percent).
+A high gIoU with a low call box IoU and low adherence is a tool painting shapes whatever the box says.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
+
+from grto_cli.core.answer import ToolCall
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -34,7 +44,156 @@ TOOL_VALID_ROLLOUTS = "tool/valid_rollouts"
 VAL_GIOU = "val/giou"
 VAL_CIOU = "val/ciou"
 VAL_FORMAT_RATE = "val/format_rate"
+ROLLOUT_BOX_IOU = "rollout/box_iou"  # the policy's own localisation: its box against the target's
+ROLLOUT_POINT_IN_TARGET = "rollout/point_in_target"
+ROLLOUT_DISTINCT_CALLS = "rollout/distinct_calls"  # distinct calls / rollouts in the step
+VAL_BOX_IOU = "val/box_iou"
+VAL_POINT_IN_TARGET = "val/point_in_target"
+VAL_DISTINCT_CALLS = "val/distinct_calls"  # distinct calls / queries
+VAL_PROMPT_ADHERENCE = "val/prompt_adherence"
+VAL_ORACLE_GIOU = "val/oracle_giou"
 SFT_LOSS = "sft/loss"
+
+
+def box_iou(box: Sequence[float], target_box: Sequence[float]) -> float:
+    """IoU of two [x1, y1, x2, y2] boxes in pixel-edge coordinates (area = (x2 - x1) * (y2 - y1)).
+
+    >>> box_iou([0, 0, 4, 4], [2, 0, 6, 4])  # 8 shared of 24
+    0.3333333333333333
+    >>> box_iou([0, 0, 2, 2], [2, 2, 4, 4])  # touching corners share no area
+    0.0
+    """
+    if not all(math.isfinite(float(v)) for v in (*box, *target_box)):
+        return 0.0
+    x1, y1, x2, y2 = (float(v) for v in box)
+    tx1, ty1, tx2, ty2 = (float(v) for v in target_box)
+    inter = max(0.0, min(x2, tx2) - max(x1, tx1)) * max(0.0, min(y2, ty2) - max(y1, ty1))
+    union = max(0.0, x2 - x1) * max(0.0, y2 - y1) + max(0.0, tx2 - tx1) * max(0.0, ty2 - ty1) - inter
+    if union <= 0:  # two empty boxes: a match only when they are the same box
+        return 1.0 if tuple(map(float, box)) == tuple(map(float, target_box)) else 0.0
+    return inter / union
+
+
+def points_inside(points: Sequence[tuple[float, float]], mask) -> float:
+    """Fraction of (x, y) points whose pixel mask[int(y), int(x)] (clamped to the image) is True; 0 for none.
+    ``mask`` is a (H, W) boolean numpy array or torch tensor.
+
+    >>> mask = np.zeros((4, 4), bool); mask[1:3, 1:3] = True
+    >>> points_inside([(1.5, 1.5), (3.5, 0.2)], mask)
+    0.5
+    """
+    if not points:
+        return 0.0
+    h, w = mask.shape[-2:]
+    hits = 0
+    for x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue  # counts as outside
+        # x == w is a legal pixel-edge coordinate (the parser allows it); it belongs to column w - 1.
+        col, row = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+        hits += bool(mask[row, col])
+    return hits / len(points)
+
+
+def call_box_iou(call: ToolCall | None, target_box: Sequence[float]) -> float:
+    """The policy's own localisation: IoU of the call's box with the target's box; 0 with no box.
+
+    >>> call_box_iou(ToolCall(box=(0, 0, 4, 4)), [0, 0, 4, 2])
+    0.5
+    >>> call_box_iou(None, [0, 0, 4, 2]), call_box_iou(ToolCall(points=((1, 1),)), [0, 0, 4, 2])
+    (0.0, 0.0)
+    """
+    return box_iou(call.box, target_box) if call is not None and call.box is not None else 0.0
+
+
+def point_in_target(call: ToolCall | None, target: np.ndarray) -> float:
+    """Share of the call's points that fall inside the target mask; 0 with no point (or no call).
+
+    >>> target = np.zeros((4, 4), bool); target[:2] = True
+    >>> point_in_target(ToolCall(points=((3.0, 1.0),)), target), point_in_target(None, target)
+    (1.0, 0.0)
+    """
+    return points_inside(call.points, target) if call is not None else 0.0
+
+
+def prompt_adherence(pred: np.ndarray, call: ToolCall | None) -> float | None:
+    """Share of the predicted mask inside the call's box: does the tool keep to its prompt?
+    None when there is no box or no predicted pixel (nothing to adhere, or nothing to judge).
+
+    >>> pred = np.zeros((4, 8), bool); pred[:, :4] = True  # 16 pixels, left half
+    >>> prompt_adherence(pred, ToolCall(box=(0, 0, 2, 4)))  # 8 of them inside the box
+    0.5
+    >>> prompt_adherence(pred, ToolCall(points=((1, 1),))) is None
+    True
+    """
+    if call is None or call.box is None or not pred.any():
+        return None
+    x1, y1, x2, y2 = call.box
+    h, w = pred.shape
+    inside = np.zeros_like(pred)
+    inside[max(0, math.floor(y1)):min(h, math.ceil(y2)), max(0, math.floor(x1)):min(w, math.ceil(x2))] = True
+    return float((pred & inside).sum() / pred.sum())
+
+
+def call_key(call: ToolCall | None) -> tuple | None:
+    """A call at whole-pixel resolution, to count distinct answers (None stays None).
+
+    >>> call_key(ToolCall(box=(1.2, 2.0, 9.7, 8.0), points=((4.4, 5.0),)))
+    ((1, 2, 10, 8), ((4, 5),))
+    """
+    if call is None:
+        return None
+    box = tuple(round(v) for v in call.box) if call.box is not None else None
+    return box, tuple((round(x), round(y)) for x, y in call.points)
+
+
+def distinct_calls(calls: Sequence[ToolCall | None]) -> int:
+    """How many different calls (at whole pixels) a set of answers holds; unparsable ones not counted.
+
+    >>> same = ToolCall(box=(1, 1, 5, 5))
+    >>> distinct_calls([same, same, ToolCall(box=(1, 1, 5, 6)), None])
+    2
+    """
+    return len({call_key(c) for c in calls if c is not None})
+
+
+@dataclass
+class GroundingMeter:
+    """Accumulates the policy and tool diagnostics of each sample (see the module docstring).
+
+    Every sample counts in the policy terms (an unparsable answer scores 0); adherence is averaged
+    over the samples that have a box and a predicted mask (``prompt_adherence_n``); the oracle is
+    the tool's IoU on the ground-truth box and an interior point of the same sample.
+    """
+
+    box_ious: list[float] = field(default_factory=list)
+    point_hits: list[float] = field(default_factory=list)
+    adherence: list[float] = field(default_factory=list)
+    keys: list[tuple | None] = field(default_factory=list)
+    oracle: SegmentationMeter = field(default_factory=lambda: SegmentationMeter())
+
+    def add(self, call: ToolCall | None, pred: np.ndarray, target: np.ndarray, target_box: Sequence[float],
+            oracle_pred: np.ndarray | None = None) -> None:
+        self.box_ious.append(call_box_iou(call, target_box))
+        self.point_hits.append(point_in_target(call, target))
+        a = prompt_adherence(pred, call)
+        if a is not None:
+            self.adherence.append(a)
+        self.keys.append(call_key(call))
+        if oracle_pred is not None:
+            self.oracle.add(oracle_pred, target)
+
+    def summary(self) -> dict:
+        n = len(self.box_ious)
+        distinct = len({k for k in self.keys if k is not None})
+        out = {"call_box_iou": float(np.mean(self.box_ious)) if n else 0.0,
+               "point_in_target": float(np.mean(self.point_hits)) if n else 0.0,
+               "distinct_calls": distinct, "distinct_call_ratio": distinct / n if n else 0.0,
+               "prompt_adherence": float(np.mean(self.adherence)) if self.adherence else None,
+               "prompt_adherence_n": len(self.adherence)}
+        if self.oracle.intersections:
+            out["oracle_giou"] = self.oracle.summary()["giou"]
+        return out
 
 
 def sample_iou(intersection: int, union: int) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from grto_cli.core.answer import ToolCall, format_answer
 from grto_cli.core.data.images import load_rgb
+from grto_cli.core.data.masks import interior_point
 from grto_cli.core.data.records import Record
 from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, encode_prompts, resized_sizes
@@ -34,14 +35,6 @@ def warmup_cosine(optim: torch.optim.Optimizer, warmup: int, total: int) -> torc
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optim, factor)
-
-
-def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """A point well inside the mask: its centroid when that lies on the mask, else the nearest mask pixel."""
-    ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean(), ys.mean()
-    i = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
-    return float(xs[i]) + 0.5, float(ys[i]) + 0.5
 
 
 def jittered_box(box: Sequence[float], rng: np.random.Generator, jitter: float, size: tuple[int, int]) -> tuple:

@@ -7,13 +7,13 @@ exceptions. Boxes are [x1, y1, x2, y2] in pixel-edge coordinates, as ``masks.mas
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from grto_cli.core.answer import ParsedAnswer, ToolCall
+from grto_cli.core.metrics import box_iou, points_inside
 
 
 @dataclass
@@ -46,34 +46,6 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (pred & target).flatten(1).sum(1).float()
     union = (pred | target).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
-
-
-def box_iou(box: Sequence[float], target_box: Sequence[float]) -> float:
-    """IoU of two [x1, y1, x2, y2] boxes in pixel-edge coordinates (area = (x2 - x1) * (y2 - y1))."""
-    if not all(math.isfinite(float(v)) for v in (*box, *target_box)):
-        return 0.0
-    x1, y1, x2, y2 = (float(v) for v in box)
-    tx1, ty1, tx2, ty2 = (float(v) for v in target_box)
-    inter = max(0.0, min(x2, tx2) - max(x1, tx1)) * max(0.0, min(y2, ty2) - max(y1, ty1))
-    union = max(0.0, x2 - x1) * max(0.0, y2 - y1) + max(0.0, tx2 - tx1) * max(0.0, ty2 - ty1) - inter
-    if union <= 0:  # two empty boxes: a match only when they are the same box
-        return 1.0 if tuple(map(float, box)) == tuple(map(float, target_box)) else 0.0
-    return inter / union
-
-
-def points_inside(points: Sequence[tuple[float, float]], mask: torch.Tensor) -> float:
-    """Fraction of (x, y) points whose pixel mask[int(y), int(x)] (clamped to the image) is True; 0 for none."""
-    if not points:
-        return 0.0
-    h, w = mask.shape[-2:]
-    hits = 0
-    for x, y in points:
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue  # counts as outside
-        # x == w is a legal pixel-edge coordinate (the parser allows it); it belongs to column w - 1.
-        col, row = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
-        hits += bool(mask[row, col])
-    return hits / len(points)
 
 
 def _call_terms(call: ToolCall, iou: float, target_mask: torch.Tensor, target_box: Sequence[float],

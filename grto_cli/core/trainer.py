@@ -27,10 +27,13 @@ from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advant
 from grto_cli.core.grto import TOOL_WEIGHTINGS, freeze_image_encoder, rollout_weights, tool_loss, tool_optimizer
 from grto_cli.core.inference import predict_records
 from grto_cli.core.io import atomic_dir
-from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, ROLLOUT_COMPLETION_TOKENS,
-                                   ROLLOUT_FORMAT_RATE, ROLLOUT_IOU, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
-                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_CIOU,
-                                   VAL_FORMAT_RATE, VAL_GIOU, SegmentationMeter)
+from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
+                                   ROLLOUT_COMPLETION_TOKENS, ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE,
+                                   ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
+                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_IOU, VAL_CIOU,
+                                   VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU, VAL_ORACLE_GIOU,
+                                   VAL_POINT_IN_TARGET, VAL_PROMPT_ADHERENCE, GroundingMeter, SegmentationMeter,
+                                   distinct_calls)
 from grto_cli.core.policy import Policy
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
@@ -186,7 +189,9 @@ class Trainer:
         metrics = {ROLLOUT_REWARD_MEAN: rewards.total.mean().item(), ROLLOUT_REWARD_STD: rewards.total.std().item(),
                    ROLLOUT_FORMAT_RATE: rewards.format_ok.float().mean().item(), ROLLOUT_IOU: rewards.iou.mean().item(),
                    ROLLOUT_ZERO_STD_GROUPS: zero_std,
-                   ROLLOUT_COMPLETION_TOKENS: batch.completion_mask.sum(1).float().mean().item()}
+                   ROLLOUT_COMPLETION_TOKENS: batch.completion_mask.sum(1).float().mean().item(),
+                   ROLLOUT_BOX_IOU: rewards.box_iou.mean().item(), ROLLOUT_POINT_IN_TARGET: rewards.point.mean().item(),
+                   ROLLOUT_DISTINCT_CALLS: distinct_calls(batch.calls) / len(batch.calls)}
         metrics.update(self.policy_update(batch, advantages))
         metrics.update(self.tool_update(batch, advantages))
         self.state.step += 1
@@ -289,13 +294,20 @@ class Trainer:
     @torch.no_grad()
     def evaluate_val(self, limit: int | None = None, batch_size: int = 50) -> dict:
         records = self.val_records[:limit] if limit else self.val_records
-        meter = SegmentationMeter()
+        meter, grounding = SegmentationMeter(), GroundingMeter()
         self.policy.model.eval()
         for pred in predict_records(self.policy, self.tool, records, self.root, batch_size,
-                                    self.cfg.sampling.max_new_tokens, self.require_think):
-            meter.add(pred.mask, pred.record.decode_mask(), pred.parsed.format_ok)
-        s = meter.summary()
-        return {VAL_GIOU: s["giou"], VAL_CIOU: s["ciou"], VAL_FORMAT_RATE: s["format_rate"]}
+                                    self.cfg.sampling.max_new_tokens, self.require_think, oracle=True):
+            target = pred.record.decode_mask()
+            meter.add(pred.mask, target, pred.parsed.format_ok)
+            grounding.add(pred.parsed.call, pred.mask, target, pred.record.bbox, pred.oracle)
+        s, g = meter.summary(), grounding.summary()
+        val = {VAL_GIOU: s["giou"], VAL_CIOU: s["ciou"], VAL_FORMAT_RATE: s["format_rate"],
+               VAL_BOX_IOU: g["call_box_iou"], VAL_POINT_IN_TARGET: g["point_in_target"],
+               VAL_DISTINCT_CALLS: g["distinct_call_ratio"], VAL_ORACLE_GIOU: g.get("oracle_giou", 0.0)}
+        if g["prompt_adherence"] is not None:
+            val[VAL_PROMPT_ADHERENCE] = g["prompt_adherence"]
+        return val
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from grto_cli.core.data.masks import decode_rle, encode_rle
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
-from grto_cli.core.metrics import SegmentationMeter
+from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, call_box_iou, point_in_target
 from grto_cli.core.visualize import overlay_sheet
 from grto_cli.stages.common import (check_choice, console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
@@ -41,15 +41,16 @@ class EvaluateConfig:
         check_choice("on_bad_record", self.on_bad_record, ("fail", "skip"))
 
 
-def _target_and_pred(pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
-    """Ground truth and prediction with ignore pixels (ReasonSeg's "ignore" shapes) removed from both."""
-    target = pred.record.decode_mask()
-    mask = pred.mask
+def _target_and_preds(pred: Prediction) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ground truth, prediction and oracle prediction with ignore pixels (ReasonSeg's "ignore"
+    shapes) removed from all of them."""
+    target, mask, oracle = pred.record.decode_mask(), pred.mask, pred.oracle
     ignore = pred.record.meta.get("ignore")
     if ignore:
         keep = ~decode_rle(ignore)
         target, mask = target & keep, mask & keep
-    return target, mask
+        oracle = oracle & keep if oracle is not None else None
+    return target, mask, oracle
 
 
 def _camouflage_meter(records):
@@ -78,23 +79,24 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     paths = system_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
     policy, tool = load_stage_system(paths, pol_cfg)
 
-    meter = SegmentationMeter()
+    meter, grounding = SegmentationMeter(), GroundingMeter()
     cod_meter = _camouflage_meter(records)
     statuses: Counter = Counter()
     rows, visuals = [], []
     with progress_bar(f"evaluate {cfg.split}", len(records)) as advance:
         for pred in predict_records(policy, tool, records, manifest.parent, cfg.batch_size, cfg.max_new_tokens,
-                                    pol_cfg.require_think):
-            target, mask = _target_and_pred(pred)
+                                    pol_cfg.require_think, oracle=True):
+            target, mask, oracle = _target_and_preds(pred)
             iou = meter.add(mask, target, pred.parsed.format_ok)
+            grounding.add(pred.parsed.call, mask, target, pred.record.bbox, oracle)
             if cod_meter is not None:
                 cod_meter.add((pred.probability * 255).round().astype(np.uint8), target)
             statuses[pred.parsed.status] += 1
-            rows.append(_prediction_row(pred, iou, meter))
+            rows.append(_prediction_row(pred, iou, meter, target))
             if len(visuals) < cfg.n_visual:
                 visuals.append(_visual_row(pred, target, iou, manifest.parent))
             advance(1, f"gIoU {100 * np.mean([r['iou'] for r in rows]):.1f}")
-    metrics = meter.summary()
+    metrics = {**meter.summary(), **grounding.summary()}
     if cod_meter is not None:
         metrics.update(cod_meter.summary())
     metrics.update({"split": cfg.split, "n_skipped_records": report.n_skipped, "parse_status": dict(statuses)})
@@ -103,16 +105,19 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     write_json(out, metrics)
     write_run_record(out.parent / "run.json", "evaluate", {"evaluate": asdict(cfg), "policy": asdict(pol_cfg)},
                      {"manifest": manifest, "policy": paths.policy, "tool": paths.tool}, metrics)
-    summary_table(f"evaluate {cfg.split}", {k: metrics[k] for k in ("n", "giou", "ciou", "precision@0.5",
-                                                                    "format_rate", "n_unparsed")})
+    summary_table(f"evaluate {cfg.split}", {k: metrics[k] for k in (
+        "n", "giou", "ciou", "precision@0.5", "format_rate", "n_unparsed", "call_box_iou", "point_in_target",
+        "distinct_calls", "prompt_adherence", "oracle_giou")})
     console.print(f"metrics written to {out}")
     return metrics
 
 
-def _prediction_row(pred: Prediction, iou: float, meter: SegmentationMeter) -> dict:
+def _prediction_row(pred: Prediction, iou: float, meter: SegmentationMeter, target: np.ndarray) -> dict:
+    call = pred.parsed.call
     return {"id": pred.record.id, "query": pred.record.query, "completion": pred.completion,
-            "status": pred.parsed.status, "call": pred.parsed.call.to_dict() if pred.parsed.call else None,
+            "status": pred.parsed.status, "call": call.to_dict() if call else None,
             "iou": iou, "intersection": meter.intersections[-1], "union": meter.unions[-1],
+            "call_box_iou": call_box_iou(call, pred.record.bbox), "point_in_target": point_in_target(call, target),
             "mask": encode_rle(pred.mask)}
 
 

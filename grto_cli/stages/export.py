@@ -57,7 +57,7 @@ def predict(bundle: str, image: str, query: str, out: str, device: str = "auto")
     policy, tool, spec = read_bundle(bundle, dev, pick_dtype("auto", dev))
     rgb = load_rgb(image)
     settings = spec["policy"]
-    text, parsed, prob = predict_batch(policy, tool, [rgb], [query], settings.get("max_new_tokens", 40),
+    text, parsed, prob, _ = predict_batch(policy, tool, [rgb], [query], settings.get("max_new_tokens", 40),
                                        settings.get("require_think", False))[0]
     mask = prob > 0.5
     out_path = Path(out)

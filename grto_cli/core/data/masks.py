@@ -54,3 +54,10 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
         return [0.0, 0.0, 0.0, 0.0]
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """A point well inside the mask: its centroid when that lies on the mask, else the nearest mask pixel."""
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean(), ys.mean()
+    i = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
+    return float(xs[i]) + 0.5, float(ys[i]) + 0.5

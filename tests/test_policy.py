@@ -31,18 +31,20 @@ def test_recomputed_logprobs_match_sampling_logits(tiny_system):
     temperature = 0.7
     torch.manual_seed(0)
     cfg = sampling_config(policy, 10, temperature=temperature)
-    cfg.output_logits, cfg.return_dict_in_generate = True, True
+    # The scores generate sampled from: after every logits processor (suppressed tokens, temperature).
+    cfg.output_scores, cfg.return_dict_in_generate = True, True
     out = policy.model.generate(**batch, generation_config=cfg)
     completion = out.sequences[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)
-    sampled = torch.stack([torch.log_softmax(l.float() / temperature, -1) for l in out.logits], 1)
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
     expected = sampled.gather(-1, completion[..., None]).squeeze(-1) * mask
+    assert policy.suppressed_ids and torch.isinf(sampled[..., list(policy.suppressed_ids)]).all()
     with torch.no_grad():
-        got = completion_logprobs(policy.model, batch, completion, mask, temperature)
+        got = completion_logprobs(policy.model, batch, completion, mask, temperature, policy.suppressed_ids)
     assert torch.allclose(got, expected, atol=1e-4)
     # At another temperature the numbers differ: the test would catch a missing `/ T`.
     with torch.no_grad():
-        wrong = completion_logprobs(policy.model, batch, completion, mask, 1.0)
+        wrong = completion_logprobs(policy.model, batch, completion, mask, 1.0, policy.suppressed_ids)
     assert not torch.allclose(wrong, expected, atol=1e-3)
 
 

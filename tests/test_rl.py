@@ -284,3 +284,24 @@ def test_lora_training_checkpoint_loads_back_merged(tiny_system, synthetic_data,
     merged = load_policy(tmp_path / "merged/policy", prompt_template=TEMPLATE)
     with torch.no_grad():
         assert torch.allclose(merged.model(**batch).logits, expected, atol=1e-4)
+
+
+def test_completions_never_hold_image_tokens(tiny_system, synthetic_data):
+    """A policy that likes its image-placeholder token: sampled into a completion, it would make the
+    log-prob pass look for image features that are not there (transformers raises). Sampling
+    suppresses the multimodal placeholders, and training log-probs use the same distribution."""
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", sampling=SamplingParams(group_size=4, temperature=0.7,
+                                                                                    max_new_tokens=32))
+    policy = trainer.policy
+    image_id = policy.model.config.image_token_id
+    assert image_id in policy.suppressed_ids
+    with torch.no_grad():  # make the image token the model's favourite next token everywhere
+        head = policy.model.lm_head.weight
+        head[image_id] = head[policy.eos_token_id] * 3 + head.mean(0)
+    batch = trainer.rollouts(0)
+    assert not (batch.completion_ids == image_id).any()
+    with torch.no_grad():
+        got = trainer.logprobs(policy.model, batch, slice(None))
+    assert torch.isfinite(got).all()
+    metrics = trainer.step()
+    assert all(np.isfinite(v) for v in metrics.values())

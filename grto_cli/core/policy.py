@@ -21,6 +21,10 @@ from grto_cli.core.answer import DEFAULT_TEMPLATE
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
 # image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
 FAMILY_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000"}
+# Multimodal placeholder tokens a completion must never hold: an image token sampled into a
+# completion makes the log-prob pass look for image features that do not exist (and would be
+# nonsense as an answer). They are suppressed in sampling and, identically, in training log-probs.
+MULTIMODAL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Policy:
     processor: object
     coord_convention: str
     prompt_template: str
+    suppressed_ids: tuple[int, ...] = ()  # never sampled (MULTIMODAL_TOKEN_KEYS of the model's config)
 
     @property
     def tokenizer(self):
@@ -69,7 +74,13 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
     model.to(device)
     model_type = getattr(model.config, "model_type", "")
     convention = coord_convention or FAMILY_CONVENTIONS.get(model_type, "absolute")
-    return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template)
+    return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template,
+                  suppressed_ids=multimodal_token_ids(model.config))
+
+
+def multimodal_token_ids(config) -> tuple[int, ...]:
+    ids = {getattr(config, key, None) for key in MULTIMODAL_TOKEN_KEYS}
+    return tuple(sorted(i for i in ids if isinstance(i, int)))
 
 
 def _load_lora_merged(adapter_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
@@ -131,7 +142,8 @@ def sampling_config(policy: Policy, max_new_tokens: int, temperature: float = 1.
     """A generation config built from scratch, so no checkpoint default (top_k=50, a repetition
     penalty) silently changes the distribution that training log-probs assume."""
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=policy.eos_token_id,
-                  pad_token_id=policy.pad_token_id, repetition_penalty=1.0)
+                  pad_token_id=policy.pad_token_id, repetition_penalty=1.0,
+                  suppress_tokens=list(policy.suppressed_ids) or None)
     if greedy:
         return GenerationConfig(do_sample=False, **common)
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
@@ -162,8 +174,10 @@ def generate(policy: Policy, batch: dict, config: GenerationConfig) -> tuple[tor
 
 
 def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: torch.Tensor,
-                        mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (B, L) of ``completion_ids`` given the prompts, at sampling temperature.
+                        mask: torch.Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = ()
+                        ) -> torch.Tensor:
+    """Per-token log-probs (B, L) of ``completion_ids`` given the prompts, under the sampling
+    distribution: logits / temperature, with the tokens sampling suppresses at -inf.
 
     The prompt's side inputs are rebuilt for prompt + completion: the attention mask is extended
     by the completion mask, ``mm_token_type_ids`` by zeros (text), and M-RoPE position ids are left
@@ -176,7 +190,10 @@ def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: tor
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in batch:
             inputs[key] = torch.cat([batch[key], torch.zeros_like(completion_ids, dtype=batch[key].dtype)], dim=1)
-    logits = model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()
+    logits = model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()  # (B, L, V)
+    if suppressed_ids:
+        ids = torch.tensor(list(suppressed_ids), device=logits.device)
+        logits = logits.index_fill(-1, ids, float("-inf"))
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1) * mask
 

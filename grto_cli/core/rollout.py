@@ -93,10 +93,12 @@ def concat_rewards(parts: Sequence[RewardBreakdown]) -> RewardBreakdown:
                               for name in ("total", "format_ok", "iou", "box_iou", "point")})
 
 
-def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, temperature: float) -> torch.Tensor:
+def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, temperature: float,
+                     suppressed_ids: Sequence[int] = ()) -> torch.Tensor:
     """Per-token log-probs of a slice of the rollouts' completions under ``model``."""
     prompts = slice_prompts(batch.prompts, rows)
-    return completion_logprobs(model, prompts, batch.completion_ids[rows], batch.completion_mask[rows], temperature)
+    return completion_logprobs(model, prompts, batch.completion_ids[rows], batch.completion_mask[rows], temperature,
+                               suppressed_ids)
 
 
 def slice_prompts(prompts: dict, rows: slice) -> dict:

@@ -216,9 +216,10 @@ class Trainer:
                              image_keys=[str(r.image_path(self.root)) for r in records])
 
     def logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice) -> torch.Tensor:
-        """Per-token log-probs (n, L) of some rollouts under ``model`` at the sampling temperature:
-        the one place every policy, old-policy and reference log-prob is computed."""
-        return rollout_logprobs(model, batch, rows, self.cfg.sampling.temperature)
+        """Per-token log-probs (n, L) of some rollouts under ``model`` in the sampling distribution
+        (temperature, suppressed tokens): the one place every policy, old-policy and reference
+        log-prob is computed."""
+        return rollout_logprobs(model, batch, rows, self.cfg.sampling.temperature, self.policy.suppressed_ids)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: RolloutBatch) -> torch.Tensor:

@@ -21,10 +21,16 @@ def _images(n):
     return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def test_recomputed_logprobs_match_sampling_logits(tiny_system):
+@pytest.mark.parametrize("favour_image_token", [False, True])
+def test_recomputed_logprobs_match_sampling_logits(tiny_system, favour_image_token):
     """Left-padded prompts of different lengths, repeated per rollout, temperature != 1: the
-    training-time log-probs must equal the log-softmax of the logits the sampler used."""
+    training-time log-probs must equal the log-softmax of the scores the sampler used. With a
+    model that favours its (suppressed) image token, leaving suppression out of training shows."""
     policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
+    if favour_image_token:
+        with torch.no_grad():
+            head = policy.model.lm_head.weight
+            head[policy.model.config.image_token_id] = head[policy.eos_token_id] * 3 + head.mean(0)
     batch = encode_prompts(policy, _images(2), ["the red circle", "the shape left of the blue square"])
     assert (batch["attention_mask"][:, 0] == 0).any()  # really left-padded
     batch = repeat_prompts(batch, 3)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from grto_cli.core.data.images import load_rgb
-from grto_cli.core.data.records import Record
 from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
+from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.masks import interior_point
+from grto_cli.core.data.records import Record
 from grto_cli.core.policy import Policy, decode_completions, encode_prompts, generate, resized_sizes, sampling_config
 from grto_cli.core.tool import SamTool
 

@@ -59,6 +59,11 @@ def _train(project, *args, background=False):
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
 
 
+def _curve(live: Path, name: str) -> list[tuple[int, str]]:
+    rows = (live / f"plots/metrics/{name}.tsv").read_text().splitlines()[1:]
+    return [(int(r.split("\t")[0]), r.split("\t")[-1]) for r in rows]
+
+
 def _latest_run(project) -> Path:
     return project / "checkpoints/train" / (project / "checkpoints/train/latest").read_text().strip()
 
@@ -86,6 +91,7 @@ def test_killed_run_resumes_after_another_configuration_ran(project):
     killed_at = json.loads(state.read_text())["state"]["step"]
     assert 2 <= killed_at < 6
     assert not (project / "models/trained").exists()
+    before_kill = _curve(bgrto / "live", "rollout/reward_mean")
 
     other = _train(project, "--method", "grpo", "--steps", "2", "--out", "models/grpo")
     assert other.returncode == 0, other.stderr[-2000:]
@@ -108,6 +114,14 @@ def test_killed_run_resumes_after_another_configuration_ran(project):
     losses = [float(line.split("\t")[-1]) for line in
               (project / "results/train/plots/metrics/loss/policy.tsv").read_text().splitlines()[1:]]
     assert losses and np.isfinite(losses).all()
+    # The published curves are this run's alone: one row per step (what the killed process logged
+    # past its last checkpoint was dropped and logged again), its own rows before the kill, and
+    # nothing of the grpo run that came in between.
+    published = _curve(project / "results/train", "rollout/reward_mean")
+    assert published == _curve(bgrto / "live", "rollout/reward_mean")
+    assert [step for step, _ in published] == [1, 2, 3, 4, 5, 6]
+    assert published[:killed_at] == before_kill[:killed_at]
+    assert _curve(grpo / "live", "rollout/reward_mean")[:2] != published[:2]
 
 
 def test_same_configuration_with_other_output_paths_resumes(project):

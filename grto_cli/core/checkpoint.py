@@ -12,6 +12,7 @@ never touched::
     <checkpoints>/<run id>/run.json   what defines the run (the resume key), readable
     <checkpoints>/<run id>/last/      a system + optim.pt, rng.pt, rng.json, state.json: to resume
     <checkpoints>/<run id>/best/      the best-on-val system
+    <checkpoints>/<run id>/live/      this run's per-step curves (dvclive), published when it ends
     <checkpoints>/latest              the id of the run written last
 """
 
@@ -167,8 +168,18 @@ class RunDir:
         write_text(self.root / LATEST, self.id + "\n")
         return moved
 
+    @property
+    def live(self) -> Path:
+        return self.path / "live"
+
     def resumable(self) -> bool:
         return (self.last / "state.json").is_file()
+
+    def resume_step(self) -> int | None:
+        """The step ``last/`` holds, or None when there is nothing to resume."""
+        if not self.resumable():
+            return None
+        return int(json.loads((self.last / "state.json").read_text())["state"]["step"])
 
 
 def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict[str, torch.optim.Optimizer | None],

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grto_cli.core.io import write_text
+
+
+def truncate_curves(directory: str | Path, last_step: int) -> None:
+    """Drop the rows after ``last_step`` from every curve: what a killed run logged past its last
+    checkpoint is logged again, for the same steps, when it resumes."""
+    for tsv in sorted(Path(directory).glob("plots/metrics/**/*.tsv")):
+        header, *rows = tsv.read_text().splitlines()
+        kept = [r for r in rows if int(float(r.split("\t")[0])) <= last_step]
+        if len(kept) != len(rows):
+            write_text(tsv, "\n".join([header, *kept]) + "\n")
+
 
 class StepLogger:
-    """A dvclive writer used as a context manager; logs a dict of scalars per step."""
+    """A dvclive writer used as a context manager; logs a dict of scalars per step. ``resume_step``
+    continues curves already in ``directory`` from that step on (later rows are dropped)."""
 
-    def __init__(self, directory: str | Path, resume: bool = False):
+    def __init__(self, directory: str | Path, resume_step: int | None = None):
         from dvclive import Live
+
+        resume = resume_step is not None
+        if resume:
+            truncate_curves(directory, resume_step)
 
         # dvcyaml=None / save_dvc_exp=False: the pipeline's own dvc.yaml declares the plots, and
         # nothing may create git refs or experiments behind `dvc repro`'s back.

@@ -8,6 +8,7 @@ directory; a run of another configuration never touches it; ``--fresh`` moves it
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,10 +81,12 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
     policy, tool = load_stage_system(paths, pol_cfg)
     trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think)
 
-    resumed = run_dir.resumable()
-    console.print(f"run {run_dir.id}: checkpoints in {run_dir.path}" +
-                  (" ([green]resuming[/green] from its last checkpoint)" if resumed else ""))
-    with StepLogger(cfg.live, resume=resumed) as log, \
+    resume_step = run_dir.resume_step()
+    console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +
+                  (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else ""))
+    # Curves go to the run's own directory (so two configurations never write into one file) and
+    # are published to `train.live` when the run ends.
+    with StepLogger(run_dir.live, resume_step) as log, \
             progress_bar(f"train {cfg.rl.method}", cfg.schedule.steps) as bar:
         def progress(step: int, metrics: dict | None) -> None:
             info = f"reward {metrics[ROLLOUT_REWARD_MEAN]:.3f} iou {metrics[ROLLOUT_IOU]:.3f}" if metrics else ""
@@ -91,6 +94,8 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
 
         state = trainer.fit(cfg.schedule, run_dir, log.log, progress)
 
+    with atomic_dir(cfg.live) as tmp:
+        shutil.copytree(run_dir.live, tmp, dirs_exist_ok=True)
     source = run_dir.best if run_dir.best.is_dir() else run_dir.last
     with atomic_dir(cfg.out) as tmp:
         copy_system(source, tmp)

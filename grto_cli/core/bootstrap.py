@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from grto_cli.core.answer import ToolCall
+from grto_cli.core.config import check_choice
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
 from grto_cli.core.grto import freeze_image_encoder, tool_loss, tool_optimizer
@@ -35,8 +36,7 @@ class BootstrapConfig:
     loss: str = "dice_bce"
 
     def validate(self) -> None:
-        if self.loss not in SEG_LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {SEG_LOSSES}")
+        check_choice("loss", self.loss, SEG_LOSSES)
 
 
 def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg: BootstrapConfig,

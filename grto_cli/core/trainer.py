@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_system
+from grto_cli.core.config import check_choice
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
 from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advantages, policy_loss
@@ -78,11 +79,10 @@ class RLConfig:
 
     def validate(self) -> None:
         """Every enumerated option, checked before anything is loaded."""
-        for name, value, allowed in (("method", self.method, METHODS), ("loss_mode", self.loss_mode, AGGREGATION_MODES),
-                                     ("tool_loss", self.tool_loss, SEG_LOSSES),
-                                     ("tool_weighting", self.tool_weighting, TOOL_WEIGHTINGS)):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        check_choice("method", self.method, METHODS)
+        check_choice("loss_mode", self.loss_mode, AGGREGATION_MODES)
+        check_choice("tool_loss", self.tool_loss, SEG_LOSSES)
+        check_choice("tool_weighting", self.tool_weighting, TOOL_WEIGHTINGS)
         if self.sampling.top_p != 1.0:
             raise ValueError("sampling.top_p must be 1.0: training log-probs do not reproduce a top-p filter")
 

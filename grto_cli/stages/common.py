@@ -19,6 +19,7 @@ from rich.table import Table
 
 from grto_cli import __version__
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
+from grto_cli.core.config import check_choice
 from grto_cli.core.io import hash_path, write_json
 
 console = Console(stderr=True)
@@ -117,12 +118,6 @@ def stage_config(cls: type[T], params_path: str | Path, section: str, overrides:
     except ValueError as exc:
         raise ConfigError(f"{section}: {exc}") from None
     return cfg
-
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Refuse a value outside an enumerated option, naming the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
 
 
 @dataclasses.dataclass

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from grto_cli.core.checkpoint import system_paths
+from grto_cli.core.config import check_choice
 from grto_cli.core.data.masks import decode_rle, encode_rle
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, call_box_iou, point_in_target
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (check_choice, console, policy_params, progress_bar, quiet_transformers,
+from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, write_run_record)
 from grto_cli.stages.system import load_stage_system
 

@@ -13,13 +13,14 @@ import torch
 
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.checkpoint import POLICY_DIR, save_policy, save_tool
+from grto_cli.core.config import check_choice
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
 from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
 from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
-from grto_cli.stages.common import (check_choice, console, policy_params, progress_bar, set_threads, stage_config,
+from grto_cli.stages.common import (console, policy_params, progress_bar, set_threads, stage_config,
                                     summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 

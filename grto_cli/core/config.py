@@ -1,0 +1,11 @@
+"""Checks shared by every config, in core and in the stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Refuse a value outside an enumerated option, naming the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")

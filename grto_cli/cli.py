@@ -106,6 +106,15 @@ def export(checkpoint: Optional[str] = typer.Option(None, help="System directory
 
 
 @app.command()
+def report(out: Optional[str] = typer.Option(None, help="Markdown report to write (plots go to study.plots)."),
+           params: str = PARAMS, set_: Optional[List[str]] = SET):
+    """The method study's report: mean ± std over seeds per method, costs and curves (pipelines/study)."""
+    from grto_cli.stages import report as stage
+
+    _run(stage.run, params, set_, out=out)
+
+
+@app.command()
 def predict(bundle: str = typer.Option(..., help="Bundle directory written by `grto export`."),
             image: str = typer.Option(..., help="Image file."),
             query: str = typer.Option(..., help="What to segment."),

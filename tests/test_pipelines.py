@@ -334,7 +334,8 @@ def stage_code(cmd: str) -> set[str]:
     return _module_closure(modules)
 
 
-DVC_FILES = ["dvc.yaml"] + [f"pipelines/{s}/dvc.yaml" for s in ALL_SETTINGS]
+STUDY = "pipelines/study/dvc.yaml"  # the method study on the embedded default (no params file of its own)
+DVC_FILES = ["dvc.yaml"] + [f"pipelines/{s}/dvc.yaml" for s in ALL_SETTINGS] + [STUDY]
 
 
 @pytest.mark.parametrize("dvcfile", DVC_FILES)
@@ -396,6 +397,7 @@ def test_dvc_lists_each_pipeline_with_the_expected_stages():
     for line in proc.stdout.split():
         file, name = line.rsplit(":", 1)
         listed.setdefault(file, []).append(name)
+    listed.pop(STUDY)  # checked by test_study_*
     assert listed == {f"pipelines/{s}/dvc.yaml": expected_stages(s) for s in ALL_SETTINGS}
 
 
@@ -428,3 +430,55 @@ def test_docs_cover_every_setting():
         assert f"`pipelines/{setting}`" in text
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in text
     assert "Qwen/Qwen2.5-VL-7B-Instruct" in text
+
+
+# ------------------------------------------------------------------------------- the study
+
+
+def _option(cmd: str, name: str) -> str:
+    tokens = shlex.split(cmd)
+    return tokens[tokens.index(name) + 1]
+
+
+def _sets(cmd: str) -> dict[str, str]:
+    tokens = shlex.split(cmd)
+    return dict(tokens[i + 1].split("=", 1) for i, t in enumerate(tokens) if t == "--set")
+
+
+def test_study_runs_every_method_and_seed_where_the_report_reads():
+    """The study's commands write exactly where `grto report` reads (its StudyConfig paths)."""
+    from grto_cli.stages.report import bootstrap_dir, build_study, run_dir, system_dir
+
+    cfg = build_study(ROOT / "params.yaml")
+    stages = resolved_dvcfile(STUDY)
+    assert {n for n in stages if n.startswith("train@")} == {f"train@{m}-{s}" for m in cfg.methods for s in cfg.seeds}
+    for seed in cfg.seeds:
+        boot = stages[f"bootstrap@{seed}"]
+        assert _option(boot["cmd"], "--out") == str(bootstrap_dir(cfg, seed))
+        assert _sets(boot["cmd"])["bootstrap.seed"] == str(seed)
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            train = stages[f"train@{method}-{seed}"]
+            sets = _sets(train["cmd"])
+            assert _option(train["cmd"], "--method") == method and sets["train.seed"] == str(seed)
+            assert _option(train["cmd"], "--out") == str(system_dir(cfg, method, seed))
+            assert sets["train.live"] == str(run_dir(cfg, method, seed) / "train")
+            assert sets["train.bootstrap"] == str(bootstrap_dir(cfg, seed)) in train["deps"]
+            # the same RL budget for every method: nothing but method, seed and paths is overridden
+            assert set(sets) == {"train.seed", "train.bootstrap", "train.checkpoints", "train.live"}
+            for split in cfg.splits:
+                ev = stages[f"evaluate@{method}-{seed}-{split}"]
+                assert _option(ev["cmd"], "--out") == str(run_dir(cfg, method, seed) / split / "metrics.json")
+                assert _option(ev["cmd"], "--checkpoint") == str(system_dir(cfg, method, seed))
+    rep = stages["report"]
+    assert {cfg.runs, cfg.models, cfg.base} <= set(rep["deps"]) and {cfg.out, cfg.plots} <= set(rep["outs"])
+
+
+def test_study_starts_from_the_embedded_defaults_base_and_ends_in_the_report():
+    edges = dag_edges(dvc_dag())
+    q = STUDY + ":"
+    assert ("pretrain", q + "bootstrap@0") in edges and ("pretrain", q + "train@grpo-0") in edges
+    assert (q + "bootstrap@1", q + "train@b-grto-1") in edges
+    assert (q + "train@grto-2", q + "evaluate@grto-2-testB") in edges
+    assert (q + "evaluate@b-grto-0-testA", q + "report") in edges
+    assert ("evaluate_base@testA", q + "report") in edges

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The RL methods grto trains with (core/trainer.py runs them; the study compares them).
+METHODS = ("grpo", "grto", "b-grto")
+
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     """Refuse a value outside an enumerated option, naming the allowed values."""

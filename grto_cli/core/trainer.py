@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_system
-from grto_cli.core.config import check_choice
+from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
 from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advantages, policy_loss
@@ -40,7 +40,6 @@ from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
-METHODS = ("grpo", "grto", "b-grto")
 SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
 LogFn = Callable[[int, dict], None]
 

@@ -3,6 +3,7 @@ initial policy once (cached on disk), then train the tool on the cache for N ste
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,23 +47,28 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
     policy, tool = load_stage_system(paths, pol_cfg)
 
     rows = []
+    started = time.perf_counter()
     with progress_bar(f"sampling {cfg.rollouts_per_query} rollouts/query", len(records)) as advance:
         for row in collect_rollouts(policy, records, manifest.parent, cfg, pol_cfg.require_think):
             rows.append(row)
             advance(1)
     write_jsonl(cfg.cache, rows)
+    sampling_seconds = time.perf_counter() - started
     n_calls = sum(len(r["calls"]) for r in rows)
     n_valid = sum(c is not None for r in rows for c in r["calls"])
     del policy  # generation only: the policy is not needed for the tool steps
 
     by_id = {r.id: r for r in records}
+    started = time.perf_counter()
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:
         try:
             stats = train_tool_on_cache(tool, rows, by_id, manifest.parent, cfg, cfg.seed,
                                         on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[TOOL_LOSS]:.3f}")))
         except ValueError as exc:  # e.g. a base policy that never emits a parsable call
             raise ConfigError(f"bootstrap: {exc}") from None
-    results = {**stats, "rollouts": n_calls, "parsable_rollouts": n_valid}
+    # Wall times: what the bootstrap costs on top of RL (the study's report counts them).
+    results = {**stats, "rollouts": n_calls, "parsable_rollouts": n_valid,
+               "sampling_seconds": round(sampling_seconds, 1), "tool_seconds": round(time.perf_counter() - started, 1)}
     with atomic_dir(cfg.out) as tmp:
         save_tool(tool, tmp)
         write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg)},

@@ -9,6 +9,7 @@ directory; a run of another configuration never touches it; ``--fresh`` moves it
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
                   (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else ""))
     # Curves go to the run's own directory (so two configurations never write into one file) and
     # are published to `train.live` when the run ends.
+    started = time.perf_counter()
     with StepLogger(run_dir.live, resume_step) as log, \
             progress_bar(f"train {cfg.rl.method}", cfg.schedule.steps) as bar:
         def progress(step: int, metrics: dict | None) -> None:
@@ -93,6 +95,8 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
             bar(completed=step, info=info)
 
         state = trainer.fit(cfg.schedule, run_dir, log.log, progress)
+    # This invocation's wall time (a resumed run counts only the steps it ran itself).
+    seconds = round(time.perf_counter() - started, 1)
 
     with atomic_dir(cfg.live) as tmp:
         shutil.copytree(run_dir.live, tmp, dirs_exist_ok=True)
@@ -101,7 +105,7 @@ def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **
         copy_system(source, tmp)
         write_json(tmp / "train_state.json", asdict(state))
         write_run_record(tmp / "run.json", "train", {"train": asdict(cfg), "policy": asdict(pol_cfg)},
-                         inputs, {**asdict(state), "run_id": run_dir.id})
+                         inputs, {**asdict(state), "run_id": run_dir.id, "seconds": seconds})
     summary_table(f"train {cfg.rl.method}", {"run": run_dir.id, "steps": state.step, "resumed_from": state.resumed_from,
                                              "best_step": state.best_step, "best_val_giou": state.best_val_giou,
                                              "out": cfg.out})

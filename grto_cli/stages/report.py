@@ -1,0 +1,192 @@
+"""`grto report`: the method study's tables and curves, from the files each run wrote.
+
+Reads, for every (method, seed) of the `study` section: the evaluated splits' metrics.json, the
+train stage's curves and run record, and for b-grto the bootstrap's run record (its rollouts and
+wall time count toward the method's cost). Writes a Markdown report and PNG charts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from grto_cli.core.config import METHODS, check_choice
+from grto_cli.core.io import write_text
+from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU
+from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, fmt, markdown_table,
+                                  mean_std, ordering, plot_methods, read_curve, split_stats, steps_to_reach)
+from grto_cli.stages.common import ConfigError, console, stage_config, summary_table
+
+BEST_FIRST = ("b-grto", "grto", "grpo")  # the ordering the paper claims, checked (not assumed) below
+
+
+@dataclass
+class StudyConfig:
+    methods: list[str] = field(default_factory=lambda: list(reversed(BEST_FIRST)))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    splits: list[str] = field(default_factory=lambda: ["testA", "testB"])
+    target_val_giou: float = 30.0  # "steps to reach": first val evaluation at or above this gIoU
+    runs: str = "results/study"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json}
+    models: str = "models/study"  # <models>/<method>/s<seed>/run.json, <models>/bootstrap/s<seed>/run.json
+    base: str | None = "results/base"  # <base>/<split>/metrics.json: the starting system, for reference
+    out: str = "reports/synthetic.md"
+    plots: str = "reports/plots"
+
+    def validate(self) -> None:
+        for method in self.methods:
+            check_choice("study.methods", method, METHODS)
+
+
+def run_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
+    return Path(cfg.runs) / method / f"s{seed}"
+
+
+def system_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
+    return Path(cfg.models) / method / f"s{seed}"
+
+
+def bootstrap_dir(cfg: StudyConfig, seed: int) -> Path:
+    return Path(cfg.models) / "bootstrap" / f"s{seed}"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"report: {path} does not exist ({what}); run the study first: "
+                          f"dvc repro pipelines/study/dvc.yaml")
+    return json.loads(path.read_text())
+
+
+def read_run(cfg: StudyConfig, method: str, seed: int) -> RunResult:
+    rdir = run_dir(cfg, method, seed)
+    metrics = {split: _read_json(rdir / split / "metrics.json", f"{method} seed {seed} on {split}")
+               for split in cfg.splits}
+    record = _read_json(system_dir(cfg, method, seed) / "run.json", f"{method} seed {seed}'s train record")
+    rl = record["params"]["train"]["rl"]
+    curves = {}
+    for name in (VAL_GIOU, ROLLOUT_REWARD_MEAN):
+        tsv = rdir / "train" / "plots" / "metrics" / f"{name}.tsv"
+        if not tsv.is_file():
+            raise ConfigError(f"report: {tsv} does not exist ({method} seed {seed}'s {name} curve)")
+        curves[name] = read_curve(tsv)
+    result = RunResult(method=method, seed=seed, metrics=metrics, curves=curves,
+                       rollouts_per_step=int(rl["queries_per_step"]) * int(rl["sampling"]["group_size"]),
+                       train_seconds=record.get("results", {}).get("seconds"),
+                       extra={"best_val_giou": record["results"].get("best_val_giou"),
+                              "best_step": record["results"].get("best_step"), "steps": record["results"]["step"]})
+    if method == "b-grto":
+        boot = _read_json(bootstrap_dir(cfg, seed) / "run.json", f"seed {seed}'s bootstrap record")["results"]
+        result.bootstrap_rollouts = int(boot["rollouts"])
+        if "sampling_seconds" in boot:
+            result.bootstrap_seconds = float(boot["sampling_seconds"]) + float(boot["tool_seconds"])
+    return result
+
+
+def _seconds(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return fmt(*mean_std(known), digits=0) if known else "n/a"
+
+
+def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict]) -> str:
+    groups = by_method(runs)
+    methods = [m for m in cfg.methods if m in groups]
+    first = runs[0]
+    lines = ["# Method study: GRPO, GRTO and B-GRTO on the synthetic setting", "",
+             "Written by `grto report` at the end of `dvc repro pipelines/study/dvc.yaml`; do not edit by hand.", "",
+             f"Every method starts from the same base system and gets the same RL budget: "
+             f"{first.extra['steps']} steps of {first.rollouts_per_step} rollouts each. Seeds: "
+             f"{', '.join(map(str, cfg.seeds))}; each cell is the mean ± sample std over seeds. The system "
+             f"evaluated is each run's best on val (test splits never choose it).", ""]
+    keys = list(REPORT_METRICS)
+    for split in cfg.splits:
+        rows = []
+        if split in base:
+            rows.append(["base (no RL)", "-"] + [fmt(float(base[split][k]), None, 3 if k in _UNIT else 2)
+                                                 if base[split].get(k) is not None else "n/a" for k in keys])
+        for m in methods:
+            rows.append([m, str(len(groups[m]))] + [fmt(*split_stats(groups[m], split, k), digits=3 if k in _UNIT else 2)
+                                                    for k in keys])
+        lines += [f"## {split}", "", markdown_table(["method", "seeds"] + [REPORT_METRICS[k] for k in keys], rows), ""]
+
+    lines += ["## Does B-GRTO > GRTO > GRPO hold?", ""]
+    if set(BEST_FIRST) <= set(methods):
+        for split in cfg.splits:
+            stats = {m: split_stats(groups[m], split, "giou") for m in BEST_FIRST}
+            means = {m: s[0] for m, s in stats.items()}
+            spread = max(s[1] for s in stats.values())
+            gaps = ", ".join(f"{a} − {b} = {means[a] - means[b]:+.2f}" for a, b in zip(BEST_FIRST, BEST_FIRST[1:]))
+            verdict = "holds" if ordering(means, BEST_FIRST) else "does not hold"
+            lines.append(f"- {split}: the ordering **{verdict}** on mean gIoU ({gaps}; the largest seed std "
+                         f"is {spread:.2f}).")
+    else:
+        lines.append("- not all three methods are in this study.")
+    lines.append("")
+
+    threshold = cfg.target_val_giou
+    rows = []
+    for m in methods:
+        rs = groups[m]
+        reached = [steps_to_reach(r.curves[VAL_GIOU], threshold) for r in rs]
+        hit = [s for s in reached if s is not None]
+        rl_rollouts = [r.extra["steps"] * r.rollouts_per_step for r in rs]
+        rows.append([m, fmt(*mean_std(rl_rollouts), digits=0), fmt(*mean_std([r.bootstrap_rollouts for r in rs]), digits=0),
+                     fmt(*mean_std([a + r.bootstrap_rollouts for a, r in zip(rl_rollouts, rs)]), digits=0),
+                     _seconds([r.train_seconds for r in rs]),
+                     _seconds([r.bootstrap_seconds for r in rs]) if m == "b-grto" else "0",
+                     (fmt(*mean_std(hit), digits=0) if hit else "never") + f" ({len(hit)}/{len(rs)} seeds)",
+                     fmt(*mean_std([float(r.extra["best_val_giou"]) for r in rs]))])
+    lines += ["## Cost", "",
+              markdown_table(["method", "RL rollouts", "bootstrap rollouts", "all rollouts", "train wall s",
+                              "bootstrap wall s", f"steps to val gIoU ≥ {threshold:g}", "best val gIoU"], rows), "",
+              "Wall times are those of the machine that ran the study (one process each; a resumed run counts "
+              "only its last invocation).", "",
+              "## Curves", "",
+              "Mean over seeds, shaded from the lowest to the highest seed. Against rollouts, b-grto's curve "
+              "starts after its bootstrap's rollouts.", ""]
+    for name in _PLOTS:
+        lines.append(f"![{name}](plots/{name}.png)")
+    return "\n".join(lines) + "\n"
+
+
+_UNIT = {"call_box_iou", "point_in_target", "prompt_adherence"}  # metrics in [0, 1]: three decimals
+_PLOTS = ("val_giou_vs_step", "val_giou_vs_rollouts", "reward_vs_step", "reward_vs_rollouts")
+
+
+def draw(cfg: StudyConfig, runs: list[RunResult]) -> list[Path]:
+    groups = by_method(runs)
+    out = Path(cfg.plots)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, label in ((VAL_GIOU, "val gIoU"), (ROLLOUT_REWARD_MEAN, "mean rollout reward")):
+        short = "val_giou" if name == VAL_GIOU else "reward"
+        by_step = {m: [r.curves[name] for r in rs] for m, rs in groups.items()}
+        by_rollouts = {m: [against_rollouts(r.curves[name], r.rollouts_per_step, r.bootstrap_rollouts) for r in rs]
+                       for m, rs in groups.items()}
+        for suffix, series, xlabel in (("step", by_step, "RL step"),
+                                       ("rollouts", by_rollouts, "rollouts generated (bootstrap included)")):
+            path = out / f"{short}_vs_{suffix}.png"
+            plot_methods(series, xlabel, label, f"{label} against {xlabel.split(' (')[0]}", path)
+            written.append(path)
+    return written
+
+
+def build_study(params: str | Path, overrides: list[str] | None = None, **explicit) -> StudyConfig:
+    return stage_config(StudyConfig, params, "study", overrides, **explicit)
+
+
+def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+    cfg = build_study(params, overrides, **explicit)
+    runs = [read_run(cfg, m, s) for m in cfg.methods for s in cfg.seeds]
+    base = {}
+    if cfg.base:
+        for split in cfg.splits:
+            path = Path(cfg.base) / split / "metrics.json"
+            if path.is_file():
+                base[split] = json.loads(path.read_text())
+    plots = draw(cfg, runs)
+    write_text(cfg.out, render(cfg, runs, base))
+    summary = {f"{m}/{split}/giou": fmt(*split_stats(rs, split, "giou"))
+               for m, rs in by_method(runs).items() for split in cfg.splits}
+    summary_table("report", {"runs": len(runs), **summary, "out": cfg.out, "plots": len(plots)})
+    console.print(f"report written to {cfg.out}")
+    return {"config": asdict(cfg), "runs": len(runs)}

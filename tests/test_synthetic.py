@@ -68,3 +68,21 @@ def test_candidate_queries_are_unambiguous():
     assert queries["the shape that is not red"] == 1
     assert "the red shape" not in queries  # two red shapes: ambiguous, never asked
     assert image.shape == (64, 64, 3)
+
+
+def test_several_queries_per_image_ask_about_different_shapes(tmp_path):
+    records = generate_split("train", 80, 0, 64, tmp_path, queries_per_image=4)
+    assert len(records) == 80 and len({r.id for r in records}) == 80
+    by_image: dict[str, list] = {}
+    for r in records:
+        by_image.setdefault(r.image, []).append(r)
+    assert max(len(v) for v in by_image.values()) == 4 and len(by_image) < 40
+    multi = [rs for rs in by_image.values() if len(rs) > 1]
+    for rs in multi:
+        assert len({r.query for r in rs}) == len(rs)  # never the same query twice on one image
+    # the same image with different answers (unless every query the scene allows names one shape)
+    varied = sum(len({r.decode_mask().tobytes() for r in rs}) >= 2 for rs in multi)
+    assert varied >= 0.8 * len(multi)
+    # one query per image stays what it was: one image per record
+    single = generate_split("train", 20, 0, 64, tmp_path / "single")
+    assert len({r.image for r in single}) == 20

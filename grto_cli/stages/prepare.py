@@ -19,6 +19,9 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False  # any skipped item fails the stage
     image_size: int = 64  # synthetic
+    # synthetic: records asked of each scene, per split (1 where a split is not named): several
+    # queries on one image, about different shapes, teach the policy to read the query
+    queries_per_image: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=lambda: {"train": 3000, "val": 200, "testA": 300, "testB": 300})
     query_kind: str = "all"  # reasonseg: short | long | all
     instruction: str = "Segment the camouflaged object in the image."  # cod10k / nc4k query
@@ -28,14 +31,15 @@ class PrepareConfig:
 
 
 def _synthetic(cfg: PrepareConfig, out: Path) -> dict[str, tuple[list[Record], SkipReport]]:
-    unknown = sorted(set(cfg.sizes) - set(SPLITS))
+    unknown = sorted((set(cfg.sizes) | set(cfg.queries_per_image)) - set(SPLITS))
     if unknown:
         raise DataError(f"unknown synthetic split(s) {unknown}; expected {list(SPLITS)}")
     result = {}
     wanted = [s for s in SPLITS if s in cfg.sizes and (cfg.splits is None or s in cfg.splits)]
     with progress_bar("generating synthetic scenes", len(wanted)) as advance:
         for split in wanted:
-            records = generate_split(split, int(cfg.sizes[split]), cfg.seed, cfg.image_size, out)
+            records = generate_split(split, int(cfg.sizes[split]), cfg.seed, cfg.image_size, out,
+                                     queries_per_image=int(cfg.queries_per_image.get(split, 1)))
             report = SkipReport(kept=len(records))
             result[split] = (records, report)
             advance(1, split)

@@ -188,15 +188,31 @@ def _pick_query(rng: np.random.Generator, queries: list[Query]) -> Query:
     return pool[int(rng.integers(len(pool)))]
 
 
+def pick_queries(rng: np.random.Generator, queries: list[Query], k: int) -> list[Query]:
+    """Up to ``k`` queries for one scene, each about a different shape while there are any: the same
+    image asked about different targets is what teaches a policy to read the query (as in RefCOCO,
+    where an image holds several referring expressions)."""
+    chosen: list[Query] = []
+    pool = list(queries)
+    while pool and len(chosen) < k:
+        fresh = [q for q in pool if q.target not in {c.target for c in chosen}] or pool
+        query = _pick_query(rng, fresh)
+        pool.remove(query)
+        chosen.append(query)
+    return chosen
+
+
 def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
-                   min_shapes: int = 3, max_shapes: int = 5) -> list[Record]:
-    """Generate ``n`` records for one split, writing images under ``out_dir/images/<split>``."""
+                   min_shapes: int = 3, max_shapes: int = 5, queries_per_image: int = 1) -> list[Record]:
+    """Generate ``n`` records for one split, writing images under ``out_dir/images/<split>``;
+    each image is asked up to ``queries_per_image`` queries (one record each)."""
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []
+    n_images = 0
     while len(records) < n:
         shapes = _sample_shapes(rng, size, int(rng.integers(min_shapes, max_shapes + 1)))
         background = int(rng.integers(150, 216))
@@ -204,11 +220,13 @@ def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
         queries = [q for q in candidate_queries(shapes, [int(m.sum()) for m in masks]) if _allowed(q, split)]
         if not queries:
             continue
-        query = _pick_query(rng, queries)
-        i = len(records)
-        rel = f"images/{split}/{i:05d}.png"
+        chosen = pick_queries(rng, queries, min(queries_per_image, n - len(records)))
+        rel = f"images/{split}/{n_images:05d}.png"
+        n_images += 1
         Image.fromarray(image).save(out_dir / rel, optimize=False)
-        records.append(record_from_mask(
-            f"synthetic-{split}-{i:05d}", rel, query.text, masks[query.target], "synthetic", split,
-            meta={"query_kind": query.kind, "composition": query.composition}))
+        for query in chosen:
+            i = len(records)
+            records.append(record_from_mask(
+                f"synthetic-{split}-{i:05d}", rel, query.text, masks[query.target], "synthetic", split,
+                meta={"query_kind": query.kind, "composition": query.composition}))
     return records

@@ -15,7 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
+import numpy as np
+
 from grto_cli.core import report
+from grto_cli.core.data.records import record_from_mask, write_manifest
 from grto_cli.stages import report as stage
 from grto_cli.stages.common import ConfigError
 
@@ -37,7 +40,16 @@ def make_study(root: Path, skip: tuple[str, int] | None = None) -> dict:
     cfg = {"methods": METHODS, "seeds": SEEDS, "splits": ["testA", "testB"], "target_val_giou": 25.0,
            "runs": str(root / "results/study"), "models": str(root / "models/study"),
            "base": str(root / "results/base"), "out": str(root / "reports/synthetic.md"),
-           "plots": str(root / "reports/plots")}
+           "plots": str(root / "reports/plots"), "data": str(root / "data")}
+    # train targets whose median box is (2, 2, 6, 6); testA: one target there, one elsewhere
+    def rec(split, i, y1, x1, y2, x2):
+        mask = np.zeros((8, 8), bool)
+        mask[y1:y2, x1:x2] = True
+        return record_from_mask(f"{split}-{i}", "img.png", "q", mask, "synthetic", split)
+    write_manifest(root / "data/train.jsonl", [rec("train", 0, 0, 0, 4, 4), rec("train", 1, 2, 2, 6, 6),
+                                               rec("train", 2, 4, 4, 8, 8)])
+    for split in ("testA", "testB"):
+        write_manifest(root / f"data/{split}.jsonl", [rec(split, 0, 2, 2, 6, 6), rec(split, 1, 0, 6, 2, 8)])
     for split in ("testA", "testB"):
         (root / "results/base" / split).mkdir(parents=True)
         (root / "results/base" / split / "metrics.json").write_text(json.dumps(
@@ -90,6 +102,8 @@ def test_report_tables_hold_mean_and_std_over_seeds(tmp_path):
         row = next(line for line in testa.splitlines() if line.startswith(f"| {method} |"))
         assert row.split(" | ")[2] == cell, row  # gIoU column, mean ± sample std
     assert "| base (no RL) | - | 15.00 |" in testa
+    constant = next(line for line in testa.splitlines() if line.startswith("| same box for every query |"))
+    assert constant.split(" | ")[4:6] == ["0.500", "0.500"]  # box IoU 1 and 0, point inside and not
     testb = text.split("## testB")[1].split("##")[0]
     row = next(line for line in testb.splitlines() if line.startswith("| grpo |"))
     assert row.split(" | ")[2] == "19.00 ± 1.41"  # testB is 2 below testA in the fixture

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from grto_cli.core.answer import ToolCall
 from grto_cli.core.io import atomic_path
 
 Curve = list[tuple[int, float]]
@@ -32,6 +35,18 @@ class RunResult:
     train_seconds: float | None = None
     bootstrap_seconds: float | None = None
     extra: dict = field(default_factory=dict)
+
+
+def constant_call(boxes: Sequence[Sequence[float]]) -> ToolCall:
+    """The one answer a policy that ignores image and query would learn: the per-coordinate median
+    of the training targets' boxes, with its centre as the point. Scored like any policy's calls,
+    it is the "same box for everything" baseline a grounding policy must beat.
+
+    >>> constant_call([[0, 0, 4, 4], [2, 2, 6, 6], [4, 4, 8, 8]])
+    ToolCall(box=(2.0, 2.0, 6.0, 6.0), points=((4.0, 4.0),))
+    """
+    x1, y1, x2, y2 = (float(v) for v in np.median(np.asarray(boxes, dtype=np.float64), axis=0))
+    return ToolCall(box=(x1, y1, x2, y2), points=(((x1 + x2) / 2, (y1 + y2) / 2),))
 
 
 def read_curve(tsv: str | Path) -> Curve:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.io import write_text
-from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU
-from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, fmt, markdown_table,
+from grto_cli.core.data.records import read_manifest
+from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, call_box_iou, point_in_target
+from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, constant_call, fmt,
+                                  markdown_table,
                                   mean_std, ordering, plot_methods, read_curve, split_stats, steps_to_reach)
 from grto_cli.stages.common import ConfigError, console, stage_config, summary_table
 
@@ -30,6 +32,7 @@ class StudyConfig:
     runs: str = "results/study"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json}
     models: str = "models/study"  # <models>/<method>/s<seed>/run.json, <models>/bootstrap/s<seed>/run.json
     base: str | None = "results/base"  # <base>/<split>/metrics.json: the starting system, for reference
+    data: str | None = "data/prepared/synthetic"  # for the "same box for every query" baseline
     out: str = "reports/synthetic.md"
     plots: str = "reports/plots"
 
@@ -87,7 +90,21 @@ def _seconds(values: list[float | None]) -> str:
     return fmt(*mean_std(known), digits=0) if known else "n/a"
 
 
-def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict]) -> str:
+def constant_baseline(data: Path, splits: list[str]) -> dict[str, dict]:
+    """Split -> the box IoU and point-in-target of the one call fitted to the train targets."""
+    train, _ = read_manifest(data / "train.jsonl", check_images=False)
+    call = constant_call([r.bbox for r in train])
+    out = {}
+    for split in splits:
+        records, _ = read_manifest(data / f"{split}.jsonl", check_images=False)
+        out[split] = {"call_box_iou": sum(call_box_iou(call, r.bbox) for r in records) / len(records),
+                      "point_in_target": sum(point_in_target(call, r.decode_mask()) for r in records) / len(records),
+                      "distinct_calls": 1}
+    return out
+
+
+def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
+           constant: dict[str, dict] | None = None) -> str:
     groups = by_method(runs)
     methods = [m for m in cfg.methods if m in groups]
     first = runs[0]
@@ -103,6 +120,9 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict]) -> st
         if split in base:
             rows.append(["base (no RL)", "-"] + [fmt(float(base[split][k]), None, 3 if k in _UNIT else 2)
                                                  if base[split].get(k) is not None else "n/a" for k in keys])
+        if constant and split in constant:
+            rows.append(["same box for every query", "-"] + [fmt(constant[split][k], None, 3 if k in _UNIT else 0)
+                                                           if k in constant[split] else "-" for k in keys])
         for m in methods:
             rows.append([m, str(len(groups[m]))] + [fmt(*split_stats(groups[m], split, k), digits=3 if k in _UNIT else 2)
                                                     for k in keys])
@@ -183,8 +203,9 @@ def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
             path = Path(cfg.base) / split / "metrics.json"
             if path.is_file():
                 base[split] = json.loads(path.read_text())
+    constant = constant_baseline(Path(cfg.data), cfg.splits) if cfg.data else None
     plots = draw(cfg, runs)
-    write_text(cfg.out, render(cfg, runs, base))
+    write_text(cfg.out, render(cfg, runs, base, constant))
     summary = {f"{m}/{split}/giou": fmt(*split_stats(rs, split, "giou"))
                for m, rs in by_method(runs).items() for split in cfg.splits}
     summary_table("report", {"runs": len(runs), **summary, "out": cfg.out, "plots": len(plots)})

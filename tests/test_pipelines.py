@@ -482,3 +482,15 @@ def test_study_starts_from_the_embedded_defaults_base_and_ends_in_the_report():
     assert (q + "train@grto-2", q + "evaluate@grto-2-testB") in edges
     assert (q + "evaluate@b-grto-0-testA", q + "report") in edges
     assert ("evaluate_base@testA", q + "report") in edges
+
+
+def test_study_charts_list_every_run():
+    from grto_cli.stages.report import build_study, run_dir
+
+    cfg = build_study(ROOT / "params.yaml")
+    plots = yaml.safe_load((ROOT / STUDY).read_text())["plots"]
+    for entry in plots:
+        (_, spec), = entry.items()
+        files = {f.removeprefix("../../") for f in spec["y"]}  # paths are relative to the dvc.yaml
+        metric = next(iter(files)).split("/plots/metrics/")[1]
+        assert files == {f"{run_dir(cfg, m, s)}/train/plots/metrics/{metric}" for m in cfg.methods for s in cfg.seeds}

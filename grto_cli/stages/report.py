@@ -118,13 +118,13 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
     for split in cfg.splits:
         rows = []
         if split in base:
-            rows.append(["base (no RL)", "-"] + [fmt(float(base[split][k]), None, 3 if k in _UNIT else 2)
+            rows.append(["base (no RL)", "-"] + [fmt(float(base[split][k]), None, _digits(k))
                                                  if base[split].get(k) is not None else "n/a" for k in keys])
         if constant and split in constant:
-            rows.append(["same box for every query", "-"] + [fmt(constant[split][k], None, 3 if k in _UNIT else 0)
+            rows.append(["same box for every query", "-"] + [fmt(constant[split][k], None, _digits(k))
                                                            if k in constant[split] else "-" for k in keys])
         for m in methods:
-            rows.append([m, str(len(groups[m]))] + [fmt(*split_stats(groups[m], split, k), digits=3 if k in _UNIT else 2)
+            rows.append([m, str(len(groups[m]))] + [fmt(*split_stats(groups[m], split, k), digits=_digits(k))
                                                     for k in keys])
         lines += [f"## {split}", "", markdown_table(["method", "seeds"] + [REPORT_METRICS[k] for k in keys], rows), ""]
 
@@ -168,7 +168,11 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
     return "\n".join(lines) + "\n"
 
 
-_UNIT = {"call_box_iou", "point_in_target", "prompt_adherence"}  # metrics in [0, 1]: three decimals
+def _digits(key: str) -> int:
+    """Decimals shown: three for fractions in [0, 1], none for counts, two for percentages."""
+    return 3 if key in ("call_box_iou", "point_in_target", "prompt_adherence") else 0 if key == "distinct_calls" else 2
+
+
 _PLOTS = ("val_giou_vs_step", "val_giou_vs_rollouts", "reward_vs_step", "reward_vs_rollouts")
 
 

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from grto_cli.core.config import METHODS, check_choice
-from grto_cli.core.io import write_text
 from grto_cli.core.data.records import read_manifest
+from grto_cli.core.io import write_text
 from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, call_box_iou, point_in_target
 from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, constant_call, fmt,
-                                  markdown_table,
-                                  mean_std, ordering, plot_methods, read_curve, split_stats, steps_to_reach)
+                                  markdown_table, mean_std, ordering, plot_methods, read_curve, split_stats,
+                                  steps_to_reach)
 from grto_cli.stages.common import ConfigError, console, stage_config, summary_table
 
 BEST_FIRST = ("b-grto", "grto", "grpo")  # the ordering the paper claims, checked (not assumed) below

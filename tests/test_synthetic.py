@@ -1,5 +1,6 @@
 import hashlib
 
+import numpy as np
 from typer.testing import CliRunner
 
 from grto_cli.cli import app
@@ -86,3 +87,13 @@ def test_several_queries_per_image_ask_about_different_shapes(tmp_path):
     # one query per image stays what it was: one image per record
     single = generate_split("train", 20, 0, 64, tmp_path / "single")
     assert len({r.image for r in single}) == 20
+
+
+def test_pick_queries_covers_different_shapes_before_repeating_one():
+    from grto_cli.core.data.synthetic import Query, pick_queries
+
+    queries = [Query(f"q{i}", 0, "attribute", "c") for i in range(5)] + [Query("other", 1, "attribute", "c")]
+    for seed in range(20):
+        chosen = pick_queries(np.random.default_rng(seed), queries, 2)
+        assert {q.target for q in chosen} == {0, 1}
+        assert len(pick_queries(np.random.default_rng(seed), queries, 10)) == 6  # never more than there are

@@ -89,3 +89,28 @@ def test_enumerated_options_are_refused_before_anything_loads(tmp_path, monkeypa
         r = _invoke(args, tmp_path, monkeypatch)
         assert r.exit_code == 2, (args, r.output)
         assert allowed in r.output and "not found" not in r.output, (args, r.output)
+
+
+def test_params_are_typed_by_the_stage_config(tmp_path):
+    """PyYAML reads `1e-5` as a string: a float field takes it as a float; a value of the wrong type
+    is an error that names the key, the value and the type."""
+    from grto_cli.stages.common import ConfigError, stage_config
+    from grto_cli.stages.train import TrainConfig
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  policy_lr: 1e-5\n  steps: 7\n  clip_high: null\n  sampling: {temperature: 1}\n")
+    cfg = stage_config(TrainConfig, params, "train")
+    assert cfg.rl.policy_lr == 1e-5 and isinstance(cfg.rl.policy_lr, float)
+    assert cfg.rl.sampling.temperature == 1.0 and isinstance(cfg.rl.sampling.temperature, float)
+    assert cfg.schedule.steps == 7 and cfg.rl.clip_high is None
+    for override, message in (("train.steps=abc", "train.steps: expected int, got 'abc'"),
+                              ("train.steps=2.5", "train.steps: expected int, got 2.5"),
+                              ("train.sampling.temperature=hot", "train.sampling.temperature: expected float, got 'hot'"),
+                              ("train.scale_by_std=maybe", "train.scale_by_std: expected bool, got 'maybe'"),
+                              ("train.policy_lr=null", "train.policy_lr: expected float, got null")):
+        with pytest.raises(ConfigError) as err:
+            stage_config(TrainConfig, params, "train", [override])
+        assert message in str(err.value), str(err.value)
+    # the CLI turns it into one line and exit code 2, before anything loads
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--set", "train.steps=abc"])
+    assert result.exit_code == 2 and "train.steps: expected int" in result.output

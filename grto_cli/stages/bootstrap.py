@@ -21,7 +21,7 @@ from grto_cli.stages.system import load_stage_system
 @dataclass
 class BootstrapStageConfig(BootstrapConfig):
     data: str = "data/prepared/synthetic"
-    base: str = "models/base"
+    base: str | None = "models/base"
     policy: str | None = None
     tool: str | None = None
     tool_arch: str | None = None

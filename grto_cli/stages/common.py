@@ -7,6 +7,7 @@ import dataclasses
 import os
 import platform
 import sys
+import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,50 @@ def _flat_fields(cls) -> dict[str, str]:
     return owners
 
 
+def _as(value: Any, kind: type) -> tuple[bool, Any]:
+    """(fits, value) for one plain type; a YAML 1.1 float written without a dot (``1e-5``, which
+    PyYAML reads as a string) counts as a float, and an int as a float where a float is wanted."""
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    origin = typing.get_origin(kind) or kind
+    if isinstance(origin, type):
+        return isinstance(value, origin), value
+    return True, value  # Any, Literal, ...: not checked here
+
+
+def typed_value(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the field's type asks, or a ConfigError naming the key, the value and the type."""
+    if hint is None or hint is Any:
+        return value
+    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [a for a in args if a is not type(None)] if is_union else [hint]
+    if value is None:
+        if is_union and type(None) in args:
+            return None
+        raise ConfigError(f"{name}: expected {_type_name(hint)}, got null")
+    for kind in options:
+        if dataclasses.is_dataclass(kind):
+            continue
+        fits, converted = _as(value, kind)
+        if fits:
+            return converted
+    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 def build_config(cls: type[T], data: dict, where: str = "") -> T:
     """Build a (nested) dataclass from a mapping, refusing unknown keys by name.
 
@@ -94,8 +139,11 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
         # `X | None` fields (e.g. train.lora) hold a dataclass when given a mapping.
         options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
         hint = options[0] if len(options) == 1 else hint
+        name = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = build_config(hint, value, f"{where}.{key}" if where else key)
+            value = build_config(hint, value, name)
+        else:
+            value = typed_value(value, hints.get(key), name)
         kwargs[key] = value
     for name in set(flat.values()):
         part = {k: v for k, v in data.items() if flat.get(k) == name}

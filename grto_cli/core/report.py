@@ -7,7 +7,7 @@ report can be checked by hand; ``plot_methods`` draws PNGs with matplotlib's non
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,10 +31,11 @@ class RunResult:
     metrics: dict[str, dict]  # split -> that split's metrics.json
     curves: dict[str, Curve]  # metric name -> curve over RL steps
     rollouts_per_step: int  # queries_per_step x group_size
+    steps: int  # RL steps the run took
+    best_val_giou: float  # the val gIoU of the checkpoint the run kept
     bootstrap_rollouts: int = 0  # generated before RL (b-grto's bootstrap), 0 otherwise
     train_seconds: float | None = None
     bootstrap_seconds: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def constant_call(boxes: Sequence[Sequence[float]]) -> ToolCall:

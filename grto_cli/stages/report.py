@@ -11,10 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.io import write_text
-from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, call_box_iou, point_in_target
+from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, GroundingMeter
 from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, constant_call, fmt,
                                   markdown_table, mean_std, ordering, plot_methods, read_curve, split_stats,
                                   steps_to_reach)
@@ -74,9 +76,8 @@ def read_run(cfg: StudyConfig, method: str, seed: int) -> RunResult:
         curves[name] = read_curve(tsv)
     result = RunResult(method=method, seed=seed, metrics=metrics, curves=curves,
                        rollouts_per_step=int(rl["queries_per_step"]) * int(rl["sampling"]["group_size"]),
-                       train_seconds=record.get("results", {}).get("seconds"),
-                       extra={"best_val_giou": record["results"].get("best_val_giou"),
-                              "best_step": record["results"].get("best_step"), "steps": record["results"]["step"]})
+                       steps=int(record["results"]["step"]), best_val_giou=float(record["results"]["best_val_giou"]),
+                       train_seconds=record["results"].get("seconds"))
     if method == "b-grto":
         boot = _read_json(bootstrap_dir(cfg, seed) / "run.json", f"seed {seed}'s bootstrap record")["results"]
         result.bootstrap_rollouts = int(boot["rollouts"])
@@ -91,15 +92,19 @@ def _seconds(values: list[float | None]) -> str:
 
 
 def constant_baseline(data: Path, splits: list[str]) -> dict[str, dict]:
-    """Split -> the box IoU and point-in-target of the one call fitted to the train targets."""
+    """Split -> the policy diagnostics (box IoU, point in target, distinct calls) of the one call
+    fitted to the train targets, scored by the same meter as any policy's calls."""
     train, _ = read_manifest(data / "train.jsonl", check_images=False)
     call = constant_call([r.bbox for r in train])
     out = {}
     for split in splits:
         records, _ = read_manifest(data / f"{split}.jsonl", check_images=False)
-        out[split] = {"call_box_iou": sum(call_box_iou(call, r.bbox) for r in records) / len(records),
-                      "point_in_target": sum(point_in_target(call, r.decode_mask()) for r in records) / len(records),
-                      "distinct_calls": 1}
+        meter = GroundingMeter()
+        for r in records:
+            target = r.decode_mask()
+            meter.add(call, np.zeros_like(target), target, r.bbox)  # no tool: only the policy terms
+        summary = meter.summary()
+        out[split] = {k: summary[k] for k in ("call_box_iou", "point_in_target", "distinct_calls")}
     return out
 
 
@@ -111,7 +116,7 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
     lines = ["# Method study: GRPO, GRTO and B-GRTO on the synthetic setting", "",
              "Written by `grto report` at the end of `dvc repro pipelines/study/dvc.yaml`; do not edit by hand.", "",
              f"Every method starts from the same base system and gets the same RL budget: "
-             f"{first.extra['steps']} steps of {first.rollouts_per_step} rollouts each. Seeds: "
+             f"{first.steps} steps of {first.rollouts_per_step} rollouts each. Seeds: "
              f"{', '.join(map(str, cfg.seeds))}; each cell is the mean ± sample std over seeds. The system "
              f"evaluated is each run's best on val (test splits never choose it).", ""]
     keys = list(REPORT_METRICS)
@@ -148,13 +153,13 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
         rs = groups[m]
         reached = [steps_to_reach(r.curves[VAL_GIOU], threshold) for r in rs]
         hit = [s for s in reached if s is not None]
-        rl_rollouts = [r.extra["steps"] * r.rollouts_per_step for r in rs]
+        rl_rollouts = [r.steps * r.rollouts_per_step for r in rs]
         rows.append([m, fmt(*mean_std(rl_rollouts), digits=0), fmt(*mean_std([r.bootstrap_rollouts for r in rs]), digits=0),
                      fmt(*mean_std([a + r.bootstrap_rollouts for a, r in zip(rl_rollouts, rs)]), digits=0),
                      _seconds([r.train_seconds for r in rs]),
                      _seconds([r.bootstrap_seconds for r in rs]) if m == "b-grto" else "0",
                      (fmt(*mean_std(hit), digits=0) if hit else "never") + f" ({len(hit)}/{len(rs)} seeds)",
-                     fmt(*mean_std([float(r.extra["best_val_giou"]) for r in rs]))])
+                     fmt(*mean_std([r.best_val_giou for r in rs]))])
     lines += ["## Cost", "",
               markdown_table(["method", "RL rollouts", "bootstrap rollouts", "all rollouts", "train wall s",
                               "bootstrap wall s", f"steps to val gIoU ≥ {threshold:g}", "best val gIoU"], rows), "",

@@ -96,7 +96,8 @@ def _as(value: Any, kind: type) -> tuple[bool, Any]:
 
 
 def typed_value(value: Any, hint: Any, name: str) -> Any:
-    """``value`` as the field's type asks, or a ConfigError naming the key, the value and the type."""
+    """``value`` as the field's type asks, or a ConfigError naming the key, the value and the type.
+    A mapping given to a dataclass field (or an ``X | None`` one, e.g. train.lora) is built into it."""
     if hint is None or hint is Any:
         return value
     args = typing.get_args(hint)
@@ -108,6 +109,8 @@ def typed_value(value: Any, hint: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected {_type_name(hint)}, got null")
     for kind in options:
         if dataclasses.is_dataclass(kind):
+            if isinstance(value, dict):
+                return build_config(kind, value, name)
             continue
         fits, converted = _as(value, kind)
         if fits:
@@ -135,16 +138,7 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
     for key, value in data.items():
         if key in flat:
             continue
-        hint = hints.get(key)
-        # `X | None` fields (e.g. train.lora) hold a dataclass when given a mapping.
-        options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
-        hint = options[0] if len(options) == 1 else hint
-        name = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = build_config(hint, value, name)
-        else:
-            value = typed_value(value, hints.get(key), name)
-        kwargs[key] = value
+        kwargs[key] = typed_value(value, hints.get(key), f"{where}.{key}" if where else key)
     for name in set(flat.values()):
         part = {k: v for k, v in data.items() if flat.get(k) == name}
         kwargs[name] = build_config(hints[name], part, where)

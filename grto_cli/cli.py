@@ -14,8 +14,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train reasoning/referring segmentation (VLM policy + SAM tool) with GRPO, GRTO and B-GRTO.")
 
-PARAMS = typer.Option("params.yaml", "--params", help="Params file with one section per stage.")
+PARAMS = typer.Option(None, "--params", help="Params file with one section per stage (default: ./params.yaml, "
+                      "else grto's packaged defaults for the embedded default).")
 SET = typer.Option(None, "--set", help="Override a param, dotted from the top of params.yaml: --set evaluate.batch_size=8")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from grto_cli import __version__
+
+        typer.echo(f"grto {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print grto's version and exit.")):
+    """Train reasoning/referring segmentation (VLM policy + SAM tool) with GRPO, GRTO and B-GRTO."""
 
 
 def _run(stage_fn, *args, **kwargs):
@@ -31,6 +46,18 @@ def _run(stage_fn, *args, **kwargs):
 
 
 @app.command()
+def init(directory: str = typer.Argument(".", help="Project folder (made if absent)."),
+         setting: str = typer.Option("synthetic", help="synthetic | refcocog | reasonseg | cod | earthreason"),
+         force: bool = typer.Option(False, "--force", help="Replace params.yaml and dvc.yaml if they are there.")):
+    """Start a project: params.yaml, dvc.yaml and .gitignore for one setting, git init + dvc init where absent.
+
+    Run again in a project to refresh its record of where grto is installed (.grto/install.yaml)."""
+    from grto_cli.stages import init as stage
+
+    _run(stage.run, directory, setting, force)
+
+
+@app.command()
 def prepare(
     dataset: str = typer.Argument(..., help="synthetic, refcoco, refcoco+, refcocog, reasonseg, cod10k, nc4k, earthreason, custom"),
     raw: Optional[str] = typer.Option(None, help="Root of the raw dataset on local disk (real datasets)."),
@@ -38,7 +65,7 @@ def prepare(
     seed: Optional[int] = typer.Option(None, help="Seed (synthetic)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on any skipped item instead of skip-and-count."),
     query_kind: Optional[str] = typer.Option(None, help="reasonseg: short | long | all."),
-    params: str = PARAMS, set_: Optional[List[str]] = SET,
+    params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET,
 ):
     """Read a dataset from its published on-disk layout into normalised JSONL manifests."""
     from grto_cli.stages import prepare as stage
@@ -48,7 +75,7 @@ def prepare(
 
 @app.command()
 def pretrain(out: Optional[str] = typer.Option(None, help="Output checkpoint directory."),
-             params: str = PARAMS, set_: Optional[List[str]] = SET):
+             params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET):
     """Build and train the embedded default's tiny base models (stands in for pretrained checkpoints)."""
     from grto_cli.stages import pretrain as stage
 
@@ -61,7 +88,7 @@ def evaluate(
     checkpoint: Optional[str] = typer.Option(None, help="System directory with policy/ and tool/."),
     out: Optional[str] = typer.Option(None, help="Metrics JSON path; predictions.jsonl and overlays.png go beside it."),
     data: Optional[str] = typer.Option(None, help="Prepared dataset directory."),
-    params: str = PARAMS, set_: Optional[List[str]] = SET,
+    params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET,
 ):
     """Run policy -> parse -> tool -> mask on a split and write metrics, predictions and overlays."""
     from grto_cli.stages import evaluate as stage
@@ -71,7 +98,7 @@ def evaluate(
 
 @app.command()
 def bootstrap(out: Optional[str] = typer.Option(None, help="Output directory for the bootstrapped tool."),
-              params: str = PARAMS, set_: Optional[List[str]] = SET):
+              params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET):
     """B-GRTO: sample rollouts of the frozen initial policy once, then pre-train the tool on them."""
     from grto_cli.stages import bootstrap as stage
 
@@ -84,7 +111,7 @@ def train(method: Optional[str] = typer.Option(None, help="grpo | grto | b-grto"
           out: Optional[str] = typer.Option(None, help="Output directory for the best-on-val system."),
           fresh: bool = typer.Option(False, "--fresh", help="Start this configuration again: its earlier "
                                      "checkpoints are moved aside (never deleted)."),
-          params: str = PARAMS, set_: Optional[List[str]] = SET):
+          params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET):
     """RL training of the policy (and the tool, for grto / b-grto).
 
     Each configuration checkpoints into its own directory under train.checkpoints; a killed run
@@ -98,7 +125,7 @@ def train(method: Optional[str] = typer.Option(None, help="grpo | grto | b-grto"
 @app.command()
 def export(checkpoint: Optional[str] = typer.Option(None, help="System directory with policy/ and tool/."),
            out: Optional[str] = typer.Option(None, help="Bundle directory."),
-           params: str = PARAMS, set_: Optional[List[str]] = SET):
+           params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET):
     """Write a self-contained bundle: policy + processor, SAM state dict and grto.yaml."""
     from grto_cli.stages import export as stage
 
@@ -107,7 +134,7 @@ def export(checkpoint: Optional[str] = typer.Option(None, help="System directory
 
 @app.command()
 def report(out: Optional[str] = typer.Option(None, help="Markdown report to write (plots go to study.plots)."),
-           params: str = PARAMS, set_: Optional[List[str]] = SET):
+           params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET):
     """The method study's report: mean ± std over seeds per method, costs and curves (pipelines/study)."""
     from grto_cli.stages import report as stage
 

@@ -1,6 +1,9 @@
-"""The real-data pipelines under pipelines/<setting>/: params build every stage's config, every
-`grto` command parses and resolves to the intended config, declared deps/outs match what the
-stages read and write, and DVC itself parses each pipeline into the expected stage graph.
+"""The pipelines: the project templates `grto init` writes (grto_cli/templates/<setting>/), the
+repository's own embedded default (dvc.yaml, the synthetic template run with source-file deps) and
+the method study (pipelines/study, its own DVC project). Params build every stage's config, every
+`grto` command parses and resolves to the intended config, declared deps/outs match what the stages
+read and write, code deps are exact, and DVC itself parses each pipeline into the expected graph.
+The real settings are checked as DVC sees them in a project `grto init` made.
 
 Fast: nothing trains, nothing loads a model, no data is needed.
 """
@@ -13,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import types
 import typing
 from functools import lru_cache
@@ -25,6 +29,7 @@ import yaml
 from grto_cli.cli import app
 from grto_cli.core.data.sources import _REGISTRY as READER_MODULES
 from grto_cli.core.answer import parse_answer
+from grto_cli.core.project import TEMPLATES, package_dir, write_project
 from grto_cli.core.trainer import LoraParams
 from grto_cli.stages.bootstrap import BootstrapStageConfig
 from grto_cli.stages.common import PolicyParams, stage_config
@@ -34,7 +39,8 @@ from grto_cli.stages.prepare import PrepareConfig
 from grto_cli.stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ROOT / "pipelines"
+STUDY_DIR = ROOT / "pipelines" / "study"  # the method study: a DVC project of its own
+VERSION_FILE = str(package_dir() / "__init__.py")  # a template stage's one code dep
 
 # setting -> the datasets it prepares, the split keys it evaluates the base / trained system on,
 # and its stages that are not `grto` commands.
@@ -55,11 +61,23 @@ COMMAND_CONFIGS = {"prepare": (PrepareConfig, "prepare"), "evaluate": (EvaluateC
                    "export": (ExportConfig, "export")}
 POLICY_COMMANDS = {"evaluate", "bootstrap", "train", "export"}
 
-ALL_SETTINGS = sorted(p.parent.name for p in PIPELINES.glob("*/params.yaml"))
+ALL_SETTINGS = sorted(p.parent.name for p in TEMPLATES.glob("*/params.yaml") if p.parent.name != "synthetic")
+_PROJECTS = tempfile.TemporaryDirectory(prefix="grto-projects-")
 
 
-def params_path(setting: str) -> str:
-    return f"pipelines/{setting}/params.yaml"
+@lru_cache(maxsize=None)
+def project(setting: str) -> Path:
+    """A project `grto init --setting <setting>` would write (files + `dvc init`; git is not needed)."""
+    from dvc.repo import Repo
+
+    root = Path(_PROJECTS.name) / setting
+    write_project(root, setting)
+    Repo.init(str(root), no_scm=True).close()
+    return root
+
+
+def params_path(setting: str) -> Path:
+    return TEMPLATES / setting / "params.yaml"
 
 
 def expected_stages(setting: str) -> list[str]:
@@ -69,24 +87,24 @@ def expected_stages(setting: str) -> list[str]:
 
 
 def load_params(setting: str) -> dict:
-    return yaml.safe_load((ROOT / params_path(setting)).read_text())
+    return yaml.safe_load(params_path(setting).read_text())
 
 
 # ------------------------------------------------------------------------------- DVC's view
 
 
 def resolved_stages(setting: str) -> dict:
-    return resolved_dvcfile(f"pipelines/{setting}/dvc.yaml")
+    return resolved_dvcfile(project(setting))
 
 
 @lru_cache(maxsize=None)
-def resolved_dvcfile(dvcfile: str) -> dict:
+def resolved_dvcfile(root: Path, dvcfile: str = "dvc.yaml") -> dict:
     """Stage name -> what DVC resolved (templating, foreach, wdir): cmd, wdir, deps, params, outs."""
     from dvc.repo import Repo
 
     out = {}
-    with Repo(str(ROOT)) as repo:
-        for st in repo.stage.collect(dvcfile):
+    with Repo(str(root)) as repo:
+        for st in repo.stage.collect(str(root / dvcfile)):
             params = {}
             for dep in st.deps:
                 if hasattr(dep, "params"):
@@ -100,9 +118,9 @@ def resolved_dvcfile(dvcfile: str) -> dict:
 
 
 @lru_cache(maxsize=None)
-def dvc_dag() -> str:
-    """`dvc dag --md` of the whole repository: fails on any output declared twice or nested in another."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "dag", "--md"], cwd=ROOT, capture_output=True, text=True)
+def dvc_dag(root: Path = ROOT) -> str:
+    """`dvc dag --md` of a whole project: fails on any output declared twice or nested in another."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "dag", "--md"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc dag failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -116,9 +134,11 @@ def dag_edges(markdown: str) -> set[tuple[str, str]]:
 
 
 def test_every_setting_is_there():
-    assert ALL_SETTINGS == sorted(SETTINGS)
-    for setting in SETTINGS:
-        assert (PIPELINES / setting / "dvc.yaml").is_file()
+    from grto_cli.core.project import SETTINGS as INIT_SETTINGS
+
+    assert ALL_SETTINGS == sorted(SETTINGS) == sorted(set(INIT_SETTINGS) - {"synthetic"})
+    for setting in INIT_SETTINGS:
+        assert (TEMPLATES / setting / "dvc.yaml").is_file()
 
 
 def _check_types(cfg, where: str) -> None:
@@ -147,7 +167,7 @@ def _check_types(cfg, where: str) -> None:
 
 @pytest.mark.parametrize("setting", ALL_SETTINGS)
 def test_every_section_builds_its_stage_config(setting):
-    path = ROOT / params_path(setting)
+    path = params_path(setting)
     params = load_params(setting)
     assert {"policy", "prepare", "evaluate", "bootstrap", "train", "export", "raw"} <= set(params)
     for section in params:
@@ -170,13 +190,13 @@ def test_every_section_builds_its_stage_config(setting):
 
 @pytest.mark.parametrize("setting", ALL_SETTINGS)
 def test_lora_section_builds_lora_params(setting):
-    cfg = stage_config(TrainConfig, ROOT / params_path(setting), "train")
+    cfg = stage_config(TrainConfig, params_path(setting), "train")
     assert isinstance(cfg.rl.lora, LoraParams)
 
 
 @pytest.mark.parametrize("setting", ALL_SETTINGS)
 def test_prompt_template_formats_and_matches_the_parser(setting):
-    pol = stage_config(PolicyParams, ROOT / params_path(setting), "policy")
+    pol = stage_config(PolicyParams, params_path(setting), "policy")
     assert "{query}" in pol.prompt_template
     text = pol.prompt_template.format(query="the mug nearest the laptop")
     assert '"the mug nearest the laptop"' in text and "{query}" not in text
@@ -197,8 +217,8 @@ def _commands() -> dict:
     return dict(group.commands)
 
 
-def _parse_grto(cmd: str):
-    """`grto <command> ...` -> (command, click params, --set overrides, built config)."""
+def _parse_grto(cmd: str, root: Path):
+    """`grto <command> ...` run in ``root`` -> (command, --params, --set overrides, built config)."""
     tokens = shlex.split(cmd)
     assert tokens[0] == "grto", cmd
     commands = _commands()
@@ -208,7 +228,7 @@ def _parse_grto(cmd: str):
     params, overrides = kw.pop("params"), kw.pop("set_") or []
     kw.pop("fresh", None)  # `grto train --fresh`: what to do with old checkpoints, not a config key
     cls, section = COMMAND_CONFIGS[tokens[1]]
-    cfg = stage_config(cls, ROOT / params, section, list(overrides), **kw)
+    cfg = stage_config(cls, root / (params or "params.yaml"), section, list(overrides), **kw)
     return tokens[1], params, list(overrides), cfg
 
 
@@ -216,17 +236,18 @@ def _parse_grto(cmd: str):
 def test_every_command_parses_and_reads_its_own_params(setting):
     stages = resolved_stages(setting)
     extra = set(SETTINGS[setting]["extra"])
+    root = project(setting)
     for name, st in stages.items():
-        assert st["wdir"] == ROOT, f"{name}: stages must run from the repository root (wdir: ../..)"
-        assert all(p == params_path(setting) for p in st["params"]), f"{name} tracks another params file"
+        assert st["wdir"] == root, f"{name}: stages run in the project folder"
+        assert all(p == "params.yaml" for p in st["params"]), f"{name} tracks another params file"
         if name in extra:
             assert not st["cmd"].startswith("grto")
             continue
-        command, params, overrides, _ = _parse_grto(st["cmd"])
-        assert params == params_path(setting), f"{name}: --params {params}"
+        command, params, overrides, _ = _parse_grto(st["cmd"], root)
+        assert params is None, f"{name}: --params {params} (a project's commands read its params.yaml)"
         assert name.split("@")[0].split("_")[0] == command, f"stage {name} runs `grto {command}`"
         assert all(o.startswith(f"{COMMAND_CONFIGS[command][1]}.") for o in overrides), overrides
-        tracked = st["params"].get(params_path(setting), [])
+        tracked = st["params"].get("params.yaml", [])
         section = COMMAND_CONFIGS[command][1]
         assert section in tracked or any(t.startswith(section + ".") for t in tracked), f"{name}: {tracked}"
         if command in POLICY_COMMANDS:
@@ -235,7 +256,7 @@ def test_every_command_parses_and_reads_its_own_params(setting):
 
 def _grto_stage(setting: str, name: str):
     st = resolved_stages(setting)[name]
-    return st, _parse_grto(st["cmd"])[3]
+    return st, _parse_grto(st["cmd"], project(setting))[3]
 
 
 @pytest.mark.parametrize("setting", ALL_SETTINGS)
@@ -247,7 +268,7 @@ def test_declared_paths_match_what_the_stages_read_and_write(setting):
     for dataset in SETTINGS[setting]["datasets"]:
         st, cfg = _grto_stage(setting, f"prepare_{dataset}")
         assert cfg.dataset == dataset and cfg.raw == params["raw"][dataset]
-        assert cfg.raw in st["deps"] and f"grto_cli/core/data/{READER_MODULES[dataset][0]}.py" in st["deps"]
+        assert cfg.raw in st["deps"] and VERSION_FILE in st["deps"]
         assert list(st["outs"]) == [cfg.out] and cfg.out == f"data/prepared/{dataset}"
 
     # bootstrap: the base system from the external checkpoints (no base directory)
@@ -334,20 +355,58 @@ def stage_code(cmd: str) -> set[str]:
     return _module_closure(modules)
 
 
-STUDY = "pipelines/study/dvc.yaml"  # the method study on the embedded default (no params file of its own)
-DVC_FILES = ["dvc.yaml"] + [f"pipelines/{s}/dvc.yaml" for s in ALL_SETTINGS] + [STUDY]
+def _code_deps(root: Path, prefix: str = "") -> dict[str, tuple[set[str], set[str]]]:
+    """Stage -> (declared grto_cli deps, the modules its command runs) for a dvc.yaml whose code deps
+    are source files (``prefix``: the path from its stages' folder to the repository root)."""
+    out = {}
+    for name, st in resolved_dvcfile(root).items():
+        if st["cmd"].startswith("grto "):
+            declared = {d.removeprefix(prefix) for d in st["deps"] if d.removeprefix(prefix).startswith("grto_cli/")}
+            out[name] = (declared, stage_code(st["cmd"]))
+    return out
 
 
-@pytest.mark.parametrize("dvcfile", DVC_FILES)
-def test_code_deps_are_exactly_the_modules_each_stage_runs(dvcfile):
+@pytest.mark.parametrize("root,prefix", [(ROOT, ""), (STUDY_DIR, "../../")], ids=["dvc.yaml", "study"])
+def test_code_deps_are_exactly_the_modules_each_stage_runs(root, prefix):
     """A change to any module a stage imports re-runs it, and nothing else does: deps cannot drift."""
-    for name, st in resolved_dvcfile(dvcfile).items():
-        if not st["cmd"].startswith("grto "):
-            continue
-        declared = {d for d in st["deps"] if d.startswith("grto_cli/")}
-        expected = stage_code(st["cmd"])
-        assert declared == expected, (f"{dvcfile}:{name}: missing {sorted(expected - declared)}, "
+    for name, (declared, expected) in _code_deps(root, prefix).items():
+        assert declared == expected, (f"{root}:{name}: missing {sorted(expected - declared)}, "
                                       f"not imported {sorted(declared - expected)}")
+
+
+@pytest.mark.parametrize("setting", ALL_SETTINGS + ["synthetic"])
+def test_a_projects_code_dep_is_the_installed_grto_version(setting):
+    """A project `grto init` made has none of grto's sources: each `grto` stage depends on the
+    installed package's version file instead, so a new grto version re-runs it."""
+    root = project(setting)
+    for name, st in resolved_dvcfile(root).items():
+        code = [d for d in st["deps"] if "grto_cli" in d]
+        assert code == ([VERSION_FILE] if st["cmd"].startswith("grto ") else []), f"{setting}:{name}: {code}"
+
+
+def _without_code_deps(stages: dict) -> dict:
+    return {name: {**st, "deps": [d for d in st["deps"] if "grto_cli" not in d], "wdir": None}
+            for name, st in stages.items()}
+
+
+def test_the_synthetic_template_is_the_repositorys_embedded_default():
+    """One source: `grto init` writes the root params.yaml as is, and the root dvc.yaml's stages but for
+    their code deps (source files here, the installed version there)."""
+    assert (TEMPLATES / "synthetic" / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+    assert _without_code_deps(resolved_dvcfile(project("synthetic"))) == _without_code_deps(resolved_dvcfile(ROOT))
+    plots = [yaml.safe_load(f.read_text())["plots"] for f in (ROOT / "dvc.yaml", TEMPLATES / "synthetic" / "dvc.yaml")]
+    assert plots[0] == plots[1]
+
+
+def test_the_root_projects_status_is_the_embedded_default_alone():
+    """`dvc status` in a fresh clone lists the root dvc.yaml's stages only: the templates are
+    .dvcignore'd and the study is a project of its own."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # a template's dvc.yaml here would fail: its vars file is absent
+    listed = set(json.loads(proc.stdout or "{}"))
+    assert listed <= set(resolved_dvcfile(ROOT)), sorted(listed - set(resolved_dvcfile(ROOT)))
 
 
 def test_package_inits_hold_no_code():
@@ -358,53 +417,28 @@ def test_package_inits_hold_no_code():
         assert body == allowed, f"{init} holds code: stage deps would not track it"
 
 
-def _all_outs() -> dict[str, str]:
-    owners: dict[str, str] = {}
+def test_outputs_name_their_setting_and_never_nest():
     for setting in ALL_SETTINGS:
-        for name, st in resolved_stages(setting).items():
-            for out in st["outs"]:
-                assert out not in owners, f"{out} is written by {owners[out]} and {setting}:{name}"
-                owners[out] = f"{setting}:{name}"
-    return owners
-
-
-def test_outputs_of_settings_never_collide():
-    owners = _all_outs()
-    for out, owner in owners.items():
-        setting = owner.split(":")[0]
+        paths = sorted(out for st in resolved_stages(setting).values() for out in st["outs"])
         own = {setting} | set(SETTINGS[setting]["datasets"]) | {f"{d}-split" for d in SETTINGS[setting]["datasets"]}
-        assert own & set(Path(out).parts), f"{out} ({owner}) does not name its setting or dataset"
-    paths = sorted(owners)
-    for a in paths:
-        for b in paths:
-            assert a == b or not b.startswith(a + "/"), f"{b} is inside {a}"
-    # ... nor with the embedded default (and DVC agrees: it refuses overlapping outputs repo-wide)
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section in ("prepare", "pretrain", "bootstrap", "train", "export"):
-        for key in ("out", "checkpoints", "live", "cache"):
-            value = (default.get(section) or {}).get(key)
-            if value:
-                assert all(not (p == value or p.startswith(value + "/") or value.startswith(p + "/"))
-                           for p in paths), f"default {section}.{key}={value} overlaps a pipeline output"
-    dvc_dag()
+        for out in paths:
+            assert own & set(Path(out).parts), f"{setting}: {out} does not name its setting or dataset"
+        assert len(paths) == len(set(paths))
+        dvc_dag(project(setting))  # DVC refuses an output declared twice or nested in another
 
 
 def test_dvc_lists_each_pipeline_with_the_expected_stages():
-    proc = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--fail", "--name-only", "-R", "pipelines"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    listed: dict[str, list[str]] = {}
-    for line in proc.stdout.split():
-        file, name = line.rsplit(":", 1)
-        listed.setdefault(file, []).append(name)
-    listed.pop(STUDY)  # checked by test_study_*
-    assert listed == {f"pipelines/{s}/dvc.yaml": expected_stages(s) for s in ALL_SETTINGS}
+    for setting in ALL_SETTINGS:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--fail", "--name-only"],
+                              cwd=project(setting), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == expected_stages(setting)
 
 
 @pytest.mark.parametrize("setting", ALL_SETTINGS)
 def test_dvc_dag_runs_the_stages_in_order(setting):
-    edges = dag_edges(dvc_dag())
-    q = f"pipelines/{setting}/dvc.yaml:"
+    edges = dag_edges(dvc_dag(project(setting)))
+    q = ""
     s = SETTINGS[setting]
     # each evaluation key names its dataset (cod10k_test) or is a split of the setting's one dataset
     dataset_of = {k: next((d for d in s["datasets"] if k.startswith(d + "_")), s["datasets"][0])
@@ -427,7 +461,7 @@ def test_dvc_dag_runs_the_stages_in_order(setting):
 def test_docs_cover_every_setting():
     text = (ROOT / "docs" / "pipelines.md").read_text()
     for setting in ALL_SETTINGS:
-        assert f"`pipelines/{setting}`" in text
+        assert f"--setting {setting}" in text
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in text
     assert "Qwen/Qwen2.5-VL-7B-Instruct" in text
 
@@ -445,17 +479,32 @@ def _sets(cmd: str) -> dict[str, str]:
     return dict(tokens[i + 1].split("=", 1) for i, t in enumerate(tokens) if t == "--set")
 
 
-def test_study_runs_every_method_and_seed_where_the_report_reads():
-    """The study's commands write exactly where `grto report` reads (its StudyConfig paths)."""
-    from grto_cli.stages.report import bootstrap_dir, build_study, run_dir, system_dir
+def study_config():
+    from grto_cli.stages.report import build_study
 
-    cfg = build_study(ROOT / "params.yaml")
-    stages = resolved_dvcfile(STUDY)
+    return build_study(STUDY_DIR / "params.yaml")
+
+
+def test_study_runs_every_method_and_seed_where_the_report_reads():
+    """The study's commands write exactly where `grto report` reads (its StudyConfig paths), and every
+    run reads the root params.yaml: the same `train` budget for each method."""
+    from grto_cli.stages.report import bootstrap_dir, run_dir, system_dir
+
+    cfg = study_config()
+    root = yaml.safe_load((ROOT / "params.yaml").read_text())
+    up = "../../"  # the study's folder -> the repository root
+    stages = resolved_dvcfile(STUDY_DIR)
     assert {n for n in stages if n.startswith("train@")} == {f"train@{m}-{s}" for m in cfg.methods for s in cfg.seeds}
+    for name, st in stages.items():
+        if name != "report":
+            assert _option(st["cmd"], "--params") == up + "params.yaml", name
+            assert set(st["params"]) == {up + "params.yaml"}, name
     for seed in cfg.seeds:
         boot = stages[f"bootstrap@{seed}"]
+        sets = _sets(boot["cmd"])
         assert _option(boot["cmd"], "--out") == str(bootstrap_dir(cfg, seed))
-        assert _sets(boot["cmd"])["bootstrap.seed"] == str(seed)
+        assert sets["bootstrap.seed"] == str(seed)
+        assert sets["bootstrap.data"] == up + root["bootstrap"]["data"] and sets["bootstrap.base"] == up + root["bootstrap"]["base"]
     for method in cfg.methods:
         for seed in cfg.seeds:
             train = stages[f"train@{method}-{seed}"]
@@ -464,33 +513,44 @@ def test_study_runs_every_method_and_seed_where_the_report_reads():
             assert _option(train["cmd"], "--out") == str(system_dir(cfg, method, seed))
             assert sets["train.live"] == str(run_dir(cfg, method, seed) / "train")
             assert sets["train.bootstrap"] == str(bootstrap_dir(cfg, seed)) in train["deps"]
+            # the root pipeline's data and base system, seen from the study's folder
+            assert sets["train.data"] == up + root["train"]["data"] in train["deps"]
+            assert sets["train.base"] == up + root["train"]["base"] in train["deps"]
             # the same RL budget for every method: nothing but method, seed and paths is overridden
-            assert set(sets) == {"train.seed", "train.bootstrap", "train.checkpoints", "train.live"}
+            assert set(sets) == {"train.seed", "train.data", "train.base", "train.bootstrap", "train.checkpoints",
+                                 "train.live"}
             for split in cfg.splits:
                 ev = stages[f"evaluate@{method}-{seed}-{split}"]
                 assert _option(ev["cmd"], "--out") == str(run_dir(cfg, method, seed) / split / "metrics.json")
                 assert _option(ev["cmd"], "--checkpoint") == str(system_dir(cfg, method, seed))
+                assert _option(ev["cmd"], "--data") == up + root["prepare"].get("out", "data/prepared/synthetic")
     rep = stages["report"]
-    assert {cfg.runs, cfg.models, cfg.base} <= set(rep["deps"]) and {cfg.out, cfg.plots} <= set(rep["outs"])
+    assert {cfg.runs, cfg.models, cfg.base, cfg.data} <= set(rep["deps"]) and {cfg.out, cfg.plots} <= set(rep["outs"])
+    assert cfg.base == up + "results/base" and cfg.data == up + root["train"]["data"]
 
 
 def test_study_starts_from_the_embedded_defaults_base_and_ends_in_the_report():
-    edges = dag_edges(dvc_dag())
-    q = STUDY + ":"
-    assert ("pretrain", q + "bootstrap@0") in edges and ("pretrain", q + "train@grpo-0") in edges
-    assert (q + "bootstrap@1", q + "train@b-grto-1") in edges
-    assert (q + "train@grto-2", q + "evaluate@grto-2-testB") in edges
-    assert (q + "evaluate@b-grto-0-testA", q + "report") in edges
-    assert ("evaluate_base@testA", q + "report") in edges
+    """The root pipeline writes what the study starts from; inside the study, runs feed the report."""
+    root_outs = {o for st in resolved_dvcfile(ROOT).values() for o in st["outs"]}
+    study = resolved_dvcfile(STUDY_DIR)
+    outside = {d.removeprefix("../../") for st in study.values() for d in st["deps"]
+               if d.startswith("../../") and not d.startswith("../../grto_cli/")}
+    assert outside == {"data/prepared/synthetic", "models/base", "results/base"}
+    assert {"data/prepared/synthetic", "models/base"} <= root_outs
+    assert {f"results/base/{s}/metrics.json" for s in study_config().splits} <= root_outs
+    edges = dag_edges(dvc_dag(STUDY_DIR))
+    assert ("bootstrap@1", "train@b-grto-1") in edges
+    assert ("train@grto-2", "evaluate@grto-2-testB") in edges
+    assert ("evaluate@b-grto-0-testA", "report") in edges
 
 
 def test_study_charts_list_every_run():
-    from grto_cli.stages.report import build_study, run_dir
+    from grto_cli.stages.report import run_dir
 
-    cfg = build_study(ROOT / "params.yaml")
-    plots = yaml.safe_load((ROOT / STUDY).read_text())["plots"]
+    cfg = study_config()
+    plots = yaml.safe_load((STUDY_DIR / "dvc.yaml").read_text())["plots"]
     for entry in plots:
         (_, spec), = entry.items()
-        files = {f.removeprefix("../../") for f in spec["y"]}  # paths are relative to the dvc.yaml
+        files = set(spec["y"])  # paths relative to the study's folder
         metric = next(iter(files)).split("/plots/metrics/")[1]
         assert files == {f"{run_dir(cfg, m, s)}/train/plots/metrics/{metric}" for m in cfg.methods for s in cfg.seeds}

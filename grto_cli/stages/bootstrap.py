@@ -31,7 +31,7 @@ class BootstrapStageConfig(BootstrapConfig):
     seed: int = 0
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)  # validated
     pol_cfg = policy_params(params, overrides)
     set_threads()

@@ -22,6 +22,7 @@ from grto_cli import __version__
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
 from grto_cli.core.config import check_choice
 from grto_cli.core.io import hash_path, write_json
+from grto_cli.core.project import packaged_params
 
 console = Console(stderr=True)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,8 +33,27 @@ class ConfigError(ValueError):
     """A params file or override that does not fit the stage's config."""
 
 
-def load_params(path: str | Path) -> dict:
-    path = Path(path)
+DEFAULT_PARAMS = "params.yaml"
+_told: set[Path] = set()  # packaged-defaults notes already printed by this process
+
+
+def resolve_params(path: str | Path | None) -> Path:
+    """The params file a command reads: ``--params`` if given; else ./params.yaml; else the packaged
+    defaults of the embedded default (said once, with the file's path)."""
+    if path is not None:
+        return Path(path)
+    if Path(DEFAULT_PARAMS).is_file():
+        return Path(DEFAULT_PARAMS)
+    packaged = packaged_params()
+    if packaged not in _told:
+        _told.add(packaged)
+        console.print(f"no {DEFAULT_PARAMS} here: using grto's packaged defaults ({packaged}); "
+                      f"`grto init` writes a project of your own")
+    return packaged
+
+
+def load_params(path: str | Path | None) -> dict:
+    path = resolve_params(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (run from the project root, or pass --params PATH)")
     data = yaml.safe_load(path.read_text()) or {}
@@ -145,7 +165,7 @@ def build_config(cls: type[T], data: dict, where: str = "") -> T:
     return cls(**kwargs)
 
 
-def stage_config(cls: type[T], params_path: str | Path, section: str, overrides: list[str] | None = None,
+def stage_config(cls: type[T], params_path: str | Path | None, section: str, overrides: list[str] | None = None,
                  **explicit: Any) -> T:
     """The stage's config: params.yaml section, then ``--set`` overrides, then explicit CLI options.
     A config with a ``validate()`` method is checked here, before a stage loads anything."""
@@ -178,7 +198,7 @@ class PolicyParams:
         check_choice("dtype", self.dtype, DTYPES)
 
 
-def policy_params(params_path: str | Path, overrides: list[str] | None = None) -> PolicyParams:
+def policy_params(params_path: str | Path | None, overrides: list[str] | None = None) -> PolicyParams:
     return stage_config(PolicyParams, params_path, "policy", overrides)
 
 

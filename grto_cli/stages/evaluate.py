@@ -67,7 +67,7 @@ def default_out(cfg: EvaluateConfig) -> Path:
     return Path("results") / name / cfg.split / "metrics.json"
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(EvaluateConfig, params, "evaluate", overrides, **explicit)
     pol_cfg = policy_params(params, overrides)
     set_threads()

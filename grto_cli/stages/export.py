@@ -27,7 +27,7 @@ class ExportConfig:
     metrics: list[str] | None = None  # metrics JSON files to record in the bundle's provenance
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> Path:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> Path:
     cfg = stage_config(ExportConfig, params, "export", overrides, **explicit)
     pol_cfg = policy_params(params, overrides)
     quiet_transformers()

@@ -65,7 +65,7 @@ def _fail_on_skips(dataset: str, result: dict[str, tuple[list[Record], SkipRepor
         raise DataError(f"--strict: {len(lines)} item(s) of {dataset} could not be used:\n" + "\n".join(lines))
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(PrepareConfig, params, "prepare", overrides, **explicit)
     out = Path(cfg.out or f"data/prepared/{cfg.dataset}")
     with atomic_dir(out) as tmp:

@@ -39,7 +39,7 @@ class PretrainConfig:
         check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(PretrainConfig, params, "pretrain", overrides, **explicit)
     pol_cfg = policy_params(params, overrides)
     set_threads()

@@ -31,10 +31,11 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     splits: list[str] = field(default_factory=lambda: ["testA", "testB"])
     target_val_giou: float = 22.0  # "steps to reach": first val evaluation at or above this gIoU
-    runs: str = "results/study"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json}
-    models: str = "models/study"  # <models>/<method>/s<seed>/run.json, <models>/bootstrap/s<seed>/run.json
-    base: str | None = "results/base"  # <base>/<split>/metrics.json: the starting system, for reference
-    data: str | None = "data/prepared/synthetic"  # for the "same box for every query" baseline
+    # paths relative to the study's folder (pipelines/study), which is its own DVC project
+    runs: str = "results"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json}
+    models: str = "models"  # <models>/<method>/s<seed>/run.json, <models>/bootstrap/s<seed>/run.json
+    base: str | None = "../../results/base"  # <base>/<split>/metrics.json: the starting system, for reference
+    data: str | None = "../../data/prepared/synthetic"  # for the "same box for every query" baseline
     out: str = "reports/synthetic.md"
     plots: str = "reports/plots"
 
@@ -58,7 +59,7 @@ def bootstrap_dir(cfg: StudyConfig, seed: int) -> Path:
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"report: {path} does not exist ({what}); run the study first: "
-                          f"dvc repro pipelines/study/dvc.yaml")
+                          f"cd pipelines/study && dvc repro")
     return json.loads(path.read_text())
 
 
@@ -114,7 +115,7 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
     methods = [m for m in cfg.methods if m in groups]
     first = runs[0]
     lines = ["# Method study: GRPO, GRTO and B-GRTO on the synthetic setting", "",
-             "Written by `grto report` at the end of `dvc repro pipelines/study/dvc.yaml`; do not edit by hand.", "",
+             "Written by `grto report` at the end of the study (`cd pipelines/study && dvc repro`); do not edit by hand.", "",
              f"Every method starts from the same base system and gets the same RL budget: "
              f"{first.steps} steps of {first.rollouts_per_step} rollouts each. Seeds: "
              f"{', '.join(map(str, cfg.seeds))}; each cell is the mean ± sample std over seeds. The system "
@@ -199,11 +200,11 @@ def draw(cfg: StudyConfig, runs: list[RunResult]) -> list[Path]:
     return written
 
 
-def build_study(params: str | Path, overrides: list[str] | None = None, **explicit) -> StudyConfig:
+def build_study(params: str | Path | None, overrides: list[str] | None = None, **explicit) -> StudyConfig:
     return stage_config(StudyConfig, params, "study", overrides, **explicit)
 
 
-def run(params: str, overrides: list[str] | None = None, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = build_study(params, overrides, **explicit)
     runs = [read_run(cfg, m, s) for m in cfg.methods for s in cfg.seeds]
     base = {}

@@ -64,7 +64,7 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
             "inputs": {name: input_fingerprint(p) for name, p in inputs.items()}}
 
 
-def run(params: str, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
+def run(params: str | None, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
     cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)  # validated: nothing loaded yet
     pol_cfg = policy_params(params, overrides)
     set_threads()

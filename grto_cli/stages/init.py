@@ -1,0 +1,67 @@
+"""`grto init`: a ready project (params.yaml, dvc.yaml, .gitignore) for one setting, from the templates
+shipped inside the package; `git init` and `dvc init` where the folder has neither."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from grto_cli.core.config import check_choice
+from grto_cli.core.project import SETTINGS, write_project
+from grto_cli.stages.common import ConfigError, console, summary_table
+
+
+def _inside_git(root: Path) -> bool:
+    if shutil.which("git") is None:
+        return False
+    proc = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+def _git_toplevel(root: Path) -> Path:
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip()).resolve()
+
+
+def _inside_dvc(root: Path) -> bool:
+    return any((parent / ".dvc").is_dir() for parent in [root, *root.parents])
+
+
+def _call(cmd: list[str], root: Path) -> None:
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"`{' '.join(cmd)}` failed in {root}:\n{proc.stdout}{proc.stderr}")
+
+
+def run(directory: str, setting: str, force: bool = False) -> dict[str, str]:
+    try:
+        check_choice("--setting", setting, SETTINGS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    root = Path(directory).resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"init: {root} exists and is not a folder")
+    done = write_project(root, setting, force=force)
+    if not _inside_git(root):
+        if shutil.which("git") is None:
+            done["git"] = "not installed: no repository made"
+        else:
+            _call(["git", "init", "-q"], root)
+            done["git"] = "git init"
+    if (root / ".dvc").is_dir():
+        done["dvc"] = "already a DVC project"
+    else:
+        # Inside another DVC project (or below a git root), a nested project keeps its own status:
+        # `dvc status` of the outer one never lists this one's stages.
+        nested = _inside_dvc(root) or (_inside_git(root) and _git_toplevel(root) != root)
+        cmd = [sys.executable, "-m", "dvc", "init", "-q"] + (["--subdir"] if nested else [])
+        if not _inside_git(root):
+            cmd.append("--no-scm")
+        _call(cmd, root)
+        done["dvc"] = " ".join(["dvc init"] + cmd[5:])
+    summary_table(f"grto init ({setting})", done)
+    console.print(f"next: cd {directory} && dvc repro" + ("" if setting == "synthetic" else
+                  "   (first fill in params.yaml's raw: paths and the checkpoints; see its comments)"))
+    return done

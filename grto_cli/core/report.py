@@ -181,3 +181,36 @@ def plot_methods(series: Mapping[str, Sequence[Curve]], xlabel: str, ylabel: str
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def plot_run_curves(metrics_dir: str | Path, path: str | Path, title: str, ncols: int = 3) -> list[str]:
+    """Every dvclive curve under ``metrics_dir`` (``<name>.tsv``, nested by namespace) on one PNG, a
+    panel per metric, so a run's curves open offline without `dvc plots show`'s web page. Returns
+    the metric names drawn, in panel order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(metrics_dir)
+    curves = {str(t.relative_to(root).with_suffix("")): read_curve(t) for t in sorted(root.rglob("*.tsv"))}
+    curves = {name: c for name, c in curves.items() if c}
+    if not curves:
+        return []
+    nrows = math.ceil(len(curves) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.3 * nrows), dpi=90, squeeze=False)
+    for ax, (name, curve) in zip(axes.flat, curves.items()):
+        steps, values = zip(*curve)
+        ax.plot(steps, values, marker="." if len(curve) < 30 else None, linewidth=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return list(curves)

@@ -1,10 +1,13 @@
-"""Per-step curves with dvclive, so `dvc plots show` draws them."""
+"""Per-step curves with dvclive, so `dvc plots show` draws them, and as a PNG that opens offline."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from grto_cli.core.io import write_text
+from grto_cli.core.report import plot_run_curves
+
+CURVES_PNG = "curves.png"  # beside the curves it draws: <dir>/plots/metrics/curves.png
 
 
 def truncate_curves(directory: str | Path, last_step: int) -> None:
@@ -21,9 +24,11 @@ class StepLogger:
     """A dvclive writer used as a context manager; logs a dict of scalars per step. ``resume_step``
     continues curves already in ``directory`` from that step on (later rows are dropped)."""
 
-    def __init__(self, directory: str | Path, resume_step: int | None = None):
+    def __init__(self, directory: str | Path, resume_step: int | None = None, title: str | None = None):
         from dvclive import Live
 
+        self.directory = Path(directory)
+        self.title = title or str(directory)
         resume = resume_step is not None
         if resume:
             truncate_curves(directory, resume_step)
@@ -42,3 +47,6 @@ class StepLogger:
 
     def __exit__(self, *exc) -> None:
         self.live.end()
+        metrics = self.directory / "plots" / "metrics"
+        # `dvc plots show` writes a page that loads vega from a CDN; this PNG needs nothing.
+        plot_run_curves(metrics, metrics / CURVES_PNG, self.title)

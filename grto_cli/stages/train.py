@@ -88,7 +88,7 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     # Curves go to the run's own directory (so two configurations never write into one file) and
     # are published to `train.live` when the run ends.
     started = time.perf_counter()
-    with StepLogger(run_dir.live, resume_step) as log, \
+    with StepLogger(run_dir.live, resume_step, title=f"train {cfg.rl.method}: {cfg.live}") as log, \
             progress_bar(f"train {cfg.rl.method}", cfg.schedule.steps) as bar:
         def progress(step: int, metrics: dict | None) -> None:
             info = f"reward {metrics[ROLLOUT_REWARD_MEAN]:.3f} iou {metrics[ROLLOUT_IOU]:.3f}" if metrics else ""

@@ -65,12 +65,15 @@ def prepare(
     seed: Optional[int] = typer.Option(None, help="Seed (synthetic)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on any skipped item instead of skip-and-count."),
     query_kind: Optional[str] = typer.Option(None, help="reasonseg: short | long | all."),
+    keep_empty: Optional[bool] = typer.Option(None, "--keep-empty/--no-keep-empty",
+                                              help="earthreason: keep no-target samples (scored by LISA's rule)."),
     params: Optional[str] = PARAMS, set_: Optional[List[str]] = SET,
 ):
     """Read a dataset from its published on-disk layout into normalised JSONL manifests."""
     from grto_cli.stages import prepare as stage
 
-    _run(stage.run, params, set_, dataset=dataset, raw=raw, out=out, seed=seed, strict=strict, query_kind=query_kind)
+    _run(stage.run, params, set_, dataset=dataset, raw=raw, out=out, seed=seed, strict=strict, query_kind=query_kind,
+         keep_empty=keep_empty)
 
 
 @app.command()

@@ -85,3 +85,47 @@ def test_unparsable_answers_count_as_zero_in_the_policy_terms():
     s = meter.summary()
     assert s["call_box_iou"] == 0.0 and s["point_in_target"] == 0.0 and s["distinct_calls"] == 0
     assert s["prompt_adherence"] is None and s["prompt_adherence_n"] == 0 and "oracle_giou" not in s
+
+
+def test_empty_targets_are_scored_by_lisas_rule_and_counted():
+    """An empty prediction on an empty target has IoU 1 (LISA), anything painted there IoU 0; cIoU
+    adds nothing for it; the count is reported; the policy terms leave such samples out."""
+    from grto_cli.core.answer import ToolCall
+    from grto_cli.core.metrics import GroundingMeter
+
+    meter, grounding = SegmentationMeter(), GroundingMeter()
+    target = _mask((10, 10), (0, 4, 0, 4))
+    empty = np.zeros((10, 10), bool)
+    call = ToolCall(box=(0.0, 0.0, 4.0, 4.0), points=((1.0, 1.0),))
+    assert meter.add(target, target) == 1.0
+    assert meter.add(empty, empty) == 1.0  # nothing to find, nothing found
+    assert meter.add(target, empty) == 0.0  # something painted where there is nothing
+    s = meter.summary()
+    assert s["n"] == 3 and s["n_empty_targets"] == 2
+    assert s["giou"] == pytest.approx(100 * 2 / 3) and s["ciou"] == pytest.approx(100 * 16 / 32)
+    grounding.add(call, target, target, [0.0, 0.0, 4.0, 4.0], oracle_pred=target)
+    grounding.add(call, target, empty, [0.0, 0.0, 0.0, 0.0], oracle_pred=empty)
+    g = grounding.summary()
+    assert g["call_box_iou"] == 1.0 and g["point_in_target"] == 1.0 and g["prompt_adherence_n"] == 1
+    assert g["oracle_giou"] == 100.0
+
+
+def test_an_empty_target_has_no_oracle_prompt_and_stays_out_of_training(tmp_path):
+    from PIL import Image
+
+    from grto_cli.core.data.masks import encode_rle
+    from grto_cli.core.data.records import EMPTY_TARGET, Record, write_manifest
+    from grto_cli.core.inference import oracle_call
+    from grto_cli.stages.common import training_records
+
+    def record(i, mask, meta):
+        return Record(id=f"r{i}", image="x.png", width=10, height=10, query="q", mask=encode_rle(mask),
+                      bbox=[0.0, 0.0, 4.0, 4.0] if mask.any() else [0.0] * 4, dataset="earthreason",
+                      split="train", meta=meta)
+
+    full = record(0, _mask((10, 10), (0, 4, 0, 4)), {})
+    empty = record(1, np.zeros((10, 10), bool), {EMPTY_TARGET: True})
+    assert oracle_call(empty) is None and oracle_call(full).box == (0.0, 0.0, 4.0, 4.0)
+    Image.new("RGB", (10, 10)).save(tmp_path / "x.png")
+    write_manifest(tmp_path / "train.jsonl", [full, empty])
+    assert [r.id for r in training_records(tmp_path / "train.jsonl")] == ["r0"]

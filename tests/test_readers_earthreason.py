@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -114,3 +115,38 @@ def test_missing_raw_and_missing_part_name_layout(tmp_path: Path) -> None:
     (base / "train" / "QAs").rename(tmp_path / "moved")
     with pytest.raises(DataError, match="QAs"):
         read_source("earthreason", tmp_path, {})
+
+
+def test_no_target_samples_are_kept_behind_keep_empty(tmp_path: Path) -> None:
+    """EarthReason's deliberate no-target samples: skipped by default; with keep_empty, records with
+    an empty mask, marked so, that a manifest reads back as valid, and --strict can pass on them."""
+    from grto_cli.core.data.records import EMPTY_TARGET, read_manifest, write_manifest
+
+    make_earthreason(tmp_path)
+    train, report = read_source("earthreason", tmp_path, {"keep_empty": True})["train"]
+    empty = [r for r in train if r.empty_target]
+    assert [r.id for r in empty] == ["earthreason-train-desert_2-0"] and empty[0].meta[EMPTY_TARGET] is True
+    assert not decode_rle(empty[0].mask).any() and empty[0].bbox == [0.0, 0.0, 0.0, 0.0]
+    assert "empty mask" not in report.skipped and not train[0].empty_target
+    write_manifest(tmp_path / "train.jsonl", train)
+    back, back_report = read_manifest(tmp_path / "train.jsonl")
+    assert [r.id for r in back] == [r.id for r in train] and back_report.n_skipped == 0
+    # an empty mask that is not marked is still a bad record, and a marked one must be empty
+    unmarked = dataclasses.replace(empty[0], meta={})
+    assert validate_record(unmarked, tmp_path) == "empty mask"
+    assert "not empty" in validate_record(dataclasses.replace(train[0], meta={EMPTY_TARGET: True}), tmp_path)
+
+
+def test_prepare_keep_empty_lets_strict_pass(tmp_path: Path) -> None:
+    from grto_cli.stages import prepare
+
+    make_earthreason(tmp_path / "raw")
+    (tmp_path / "raw" / "RSReasonSeg" / "train" / "QAs" / "farm_3.json").write_text(
+        json.dumps({"questions": ["Where are the crops?"], "answer": ["fields"]}))
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare: {}\n")
+    with pytest.raises(DataError, match="empty mask"):
+        prepare.run(str(params), dataset="earthreason", raw=str(tmp_path / "raw"), out=str(tmp_path / "a"), strict=True)
+    summary = prepare.run(str(params), dataset="earthreason", raw=str(tmp_path / "raw"), out=str(tmp_path / "b"),
+                          strict=True, keep_empty=True)
+    assert summary["train"]["skipped"] == 0 and summary["train"]["kept"] == 4

@@ -31,8 +31,11 @@ class Prediction:
         return self.probability > 0.5
 
 
-def oracle_call(record: Record) -> ToolCall:
-    """The prompt a perfect policy would give: the target's box and a point well inside it."""
+def oracle_call(record: Record) -> ToolCall | None:
+    """The prompt a perfect policy would give: the target's box and a point well inside it; no
+    prompt at all (an empty mask) for an empty target."""
+    if record.empty_target:
+        return None
     return ToolCall(box=tuple(record.bbox), points=(interior_point(record.decode_mask()),))
 
 

@@ -161,9 +161,11 @@ def distinct_calls(calls: Sequence[ToolCall | None]) -> int:
 class GroundingMeter:
     """Accumulates the policy and tool diagnostics of each sample (see the module docstring).
 
-    Every sample counts in the policy terms (an unparsable answer scores 0); adherence is averaged
-    over the samples that have a box and a predicted mask (``prompt_adherence_n``); the oracle is
-    the tool's IoU on the ground-truth box and an interior point of the same sample.
+    Every sample with a target counts in the policy terms (an unparsable answer scores 0); an
+    empty-target sample has no box to find and counts only in the oracle (no prompt: an empty
+    mask). Adherence is averaged over the samples that have a box and a predicted mask
+    (``prompt_adherence_n``); the oracle is the tool's IoU on the ground-truth box and an interior
+    point of the same sample.
     """
 
     box_ious: list[float] = field(default_factory=list)
@@ -174,14 +176,16 @@ class GroundingMeter:
 
     def add(self, call: ToolCall | None, pred: np.ndarray, target: np.ndarray, target_box: Sequence[float],
             oracle_pred: np.ndarray | None = None) -> None:
+        if oracle_pred is not None:
+            self.oracle.add(oracle_pred, target)
+        if not target.any():  # an empty target: no box or region to localise, nothing to adhere to
+            return
         self.box_ious.append(call_box_iou(call, target_box))
         self.point_hits.append(point_in_target(call, target))
         a = prompt_adherence(pred, call)
         if a is not None:
             self.adherence.append(a)
         self.keys.append(call_key(call))
-        if oracle_pred is not None:
-            self.oracle.add(oracle_pred, target)
 
     def summary(self) -> dict:
         n = len(self.box_ious)
@@ -208,10 +212,12 @@ class SegmentationMeter:
     intersections: list[int] = field(default_factory=list)
     unions: list[int] = field(default_factory=list)
     format_ok: list[bool] = field(default_factory=list)
+    empty_targets: int = 0
 
     def add(self, pred: np.ndarray, target: np.ndarray, format_ok: bool = True) -> float:
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+        self.empty_targets += int(not target.any())
         inter = int(np.logical_and(pred, target).sum())
         union = int(np.logical_or(pred, target).sum())
         self.intersections.append(inter)
@@ -232,6 +238,7 @@ class SegmentationMeter:
             "ciou": 100.0 * (sum(self.intersections) / total_union if total_union else 1.0),
             "format_rate": 100.0 * float(np.mean(self.format_ok)),
             "n_unparsed": int(n - sum(self.format_ok)),
+            "n_empty_targets": self.empty_targets,  # scored by sample_iou's rule: 1 when nothing is predicted
         }
         for t in PRECISION_THRESHOLDS:
             out[f"precision@{t}"] = 100.0 * float((ious > t).mean())

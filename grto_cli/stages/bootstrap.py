@@ -7,13 +7,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from grto_cli.core.data.records import read_manifest
 from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, train_tool_on_cache
 from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
 from grto_cli.core.io import atomic_dir, write_jsonl
 from grto_cli.core.metrics import TOOL_LOSS
 from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
-                                    set_threads, stage_config, summary_table, write_run_record)
+                                    set_threads, stage_config, summary_table, training_records, write_run_record)
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -40,7 +39,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
 
     torch.manual_seed(cfg.seed)
     manifest = Path(cfg.data) / "train.jsonl"
-    records, _ = read_manifest(manifest)
+    records = training_records(manifest)
     if cfg.max_queries:
         records = records[:cfg.max_queries]
     paths = system_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)

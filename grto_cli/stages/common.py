@@ -280,3 +280,15 @@ def write_run_record(path: str | Path, stage: str, config: Any, inputs: dict[str
     if results:
         record["results"] = results
     write_json(path, record)
+
+
+def training_records(manifest: Path) -> list:
+    """A manifest's records for RL or the bootstrap: empty-target records (kept by `prepare.keep_empty`)
+    are left out, since the answer format has no "nothing here" call to reward; evaluation keeps them."""
+    from grto_cli.core.data.records import read_manifest
+
+    records, _ = read_manifest(manifest)
+    kept = [r for r in records if not r.empty_target]
+    if len(kept) < len(records):
+        console.print(f"{manifest}: {len(records) - len(kept)} empty-target record(s) left out of training")
+    return kept

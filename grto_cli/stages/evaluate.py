@@ -106,9 +106,9 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     write_json(out, metrics)
     write_run_record(out.parent / "run.json", "evaluate", {"evaluate": asdict(cfg), "policy": asdict(pol_cfg)},
                      {"manifest": manifest, "policy": paths.policy, "tool": paths.tool}, metrics)
-    summary_table(f"evaluate {cfg.split}", {k: metrics[k] for k in (
-        "n", "giou", "ciou", "precision@0.5", "format_rate", "n_unparsed", "call_box_iou", "point_in_target",
-        "distinct_calls", "prompt_adherence", "oracle_giou")})
+    shown = ("n", "giou", "ciou", "precision@0.5", "format_rate", "n_unparsed", "call_box_iou", "point_in_target",
+             "distinct_calls", "prompt_adherence", "oracle_giou") + (("n_empty_targets",) if meter.empty_targets else ())
+    summary_table(f"evaluate {cfg.split}", {k: metrics[k] for k in shown})
     console.print(f"metrics written to {out}")
     return metrics
 

@@ -28,6 +28,9 @@ class PrepareConfig:
     threshold: int = 128  # cod10k / nc4k mask threshold
     splits: list[str] | None = None  # restrict to these splits
     first_query_only: bool = False  # reasonseg/earthreason: one record per image, as LISA/SegEarth-R1 evaluate
+    # earthreason: keep the deliberate no-target samples as empty-target records (evaluation scores
+    # them by LISA's rule and counts them; train and bootstrap leave them out) instead of skipping them
+    keep_empty: bool = False
 
 
 def _synthetic(cfg: PrepareConfig, out: Path) -> dict[str, tuple[list[Record], SkipReport]]:
@@ -53,7 +56,7 @@ def _real(cfg: PrepareConfig) -> dict[str, tuple[list[Record], SkipReport]]:
         raise DataError(f"`grto prepare {cfg.dataset}` needs --raw PATH (the dataset's root on local disk); "
                         f"see docs/datasets.md for each dataset's layout")
     options = {"query_kind": cfg.query_kind, "instruction": cfg.instruction, "threshold": cfg.threshold,
-               "splits": cfg.splits, "first_query_only": cfg.first_query_only}
+               "splits": cfg.splits, "first_query_only": cfg.first_query_only, "keep_empty": cfg.keep_empty}
     console.print(f"reading {cfg.dataset} from {cfg.raw}")
     return read_source(cfg.dataset, Path(cfg.raw), options)
 

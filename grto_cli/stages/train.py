@@ -20,7 +20,7 @@ from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import RLConfig, Schedule, Trainer
 from grto_cli.stages.common import (FLAT, PolicyParams, console, pick_device, pick_dtype, policy_params,
                                     progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
-                                    write_run_record)
+                                    training_records, write_run_record)
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -70,7 +70,7 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     set_threads()
     quiet_transformers()
     root = Path(cfg.data)
-    train_records, _ = read_manifest(root / "train.jsonl")
+    train_records = training_records(root / "train.jsonl")
     val_records, _ = read_manifest(root / "val.jsonl")
     paths = system_paths(cfg.base, cfg.policy, _initial_tool(cfg), cfg.tool_arch)
     inputs = {"train_manifest": root / "train.jsonl", "val_manifest": root / "val.jsonl",

@@ -8,7 +8,9 @@ Per split, three folders matched by file stem, as the official SegEarth-R1 loade
     RSReasonSeg/<split>/QAs/<name>.json     {"questions": [...], "answer": [...]}
 
 One record per question. Samples whose label is empty (the dataset's deliberate "no target"
-cases, with an empty ``answer`` list) cannot become a mask record and are skipped as "empty mask".
+cases, with an empty ``answer`` list) are skipped as "empty mask", or, with the ``keep_empty``
+option (``prepare.keep_empty``), kept as empty-target records that evaluation scores by LISA's
+rule (an empty prediction on an empty target has IoU 1) and counts (``n_empty_targets``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _item_records(split: str, stem: str, image: Path, label: Path, qa: Path, opt
         skip_all(report, ids.values(), SIZE_MISMATCH)
         return []
     return records_per_query(mask, questions, ids, report, image=image, width=width, height=height,
-                             dataset="earthreason", split=split)
+                             dataset="earthreason", split=split, keep_empty=bool(options.get("keep_empty")))
 
 
 def read_split(root: Path, split: str, base: Path, options: dict) -> tuple[list[Record], SkipReport]:

@@ -18,6 +18,9 @@ from grto_cli.core.data.masks import Rle, decode_rle, encode_rle, mask_bbox
 from grto_cli.core.io import write_jsonl
 
 RECORD_FIELDS = ("id", "image", "width", "height", "query", "mask", "bbox", "dataset", "split")
+# meta key of a deliberate no-target sample (EarthReason's, kept with `prepare.keep_empty`): its mask
+# is empty and it is scored by LISA's rule (an empty prediction on an empty target has IoU 1).
+EMPTY_TARGET = "empty_target"
 OnError = Literal["skip", "fail"]
 
 
@@ -53,6 +56,10 @@ class Record:
 
     def decode_mask(self) -> np.ndarray:
         return decode_rle(self.mask)
+
+    @property
+    def empty_target(self) -> bool:
+        return bool(self.meta.get(EMPTY_TARGET))
 
 
 class DataError(RuntimeError):
@@ -94,8 +101,10 @@ def validate_record(record: Record, root: str | Path, check_image: bool = True) 
         return f"bad mask RLE ({exc})"
     if mask.shape != (record.height, record.width):
         return f"mask size {list(mask.shape)} != image size {[record.height, record.width]}"
-    if not mask.any():
+    if not mask.any() and not record.empty_target:
         return "empty mask"
+    if mask.any() and record.empty_target:
+        return f"mask marked {EMPTY_TARGET} is not empty"
     if not isinstance(record.query, str) or not record.query.strip():
         return "empty query"
     if check_image:

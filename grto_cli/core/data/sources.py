@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from grto_cli.core.data.masks import encode_rle, mask_bbox
-from grto_cli.core.data.records import DataError, Record, SkipReport
+from grto_cli.core.data.records import EMPTY_TARGET, DataError, Record, SkipReport
 
 ReaderFn = Callable[[Path, dict], dict[str, tuple[list[Record], SkipReport]]]
 
@@ -257,16 +257,19 @@ def queries_on_image(base: str, n_queries: int, image: Path, options: dict,
 
 def records_per_query(mask: np.ndarray, queries: Sequence, ids: dict[int, str], report: SkipReport, *,
                       image: Path, width: int, height: int, dataset: str, split: str,
-                      meta: dict | None = None) -> list[Record]:
+                      meta: dict | None = None, keep_empty: bool = False) -> list[Record]:
     """One record per query index in ``ids`` (index -> record id), all on one image and mask.
 
-    An empty mask skips every id; an empty or non-string query skips its own id. Each record's
-    meta is ``meta`` plus its ``query_index``.
+    An empty mask skips every id, unless ``keep_empty``: then each becomes an empty-target record
+    (meta ``empty_target: true``, box [0, 0, 0, 0]). An empty or non-string query skips its own id.
+    Each record's meta is ``meta`` plus its ``query_index``.
     """
-    if not mask.any():
+    empty = not mask.any()
+    if empty and not keep_empty:
         skip_all(report, ids.values(), EMPTY_MASK)
         return []
     rle, bbox = encode_rle(mask), mask_bbox(mask)
+    meta = {**(meta or {}), EMPTY_TARGET: True} if empty else meta
     records = []
     for k, rid in ids.items():
         query = queries[k]

@@ -128,6 +128,126 @@ def test_missing_raw_or_mask_folder_names_layout(tmp_path: Path) -> None:
         read_source("cod10k", tmp_path, {})
 
 
+def _folder_pair(base: Path) -> tuple[Path, Path]:
+    img_dir, gt_dir = base / "Imgs", base / "GT"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    _strays(img_dir, gt_dir)
+    return img_dir, gt_dir
+
+
+def make_sinet(root: Path, train_folder: str = "TrainDataset") -> dict[str, np.ndarray]:
+    """COD data as SINet-V2 and later COD papers repackage it, under ``root/Dataset``.
+
+    ``TrainDataset/{Imgs,GT}`` mixes COD10K-train and CAMO-train; ``TestDataset/<name>/{Imgs,GT}``
+    holds one folder per test set.
+    """
+    base = root / "Dataset"
+    masks = {}
+    tr_img, tr_gt = _folder_pair(base / train_folder)
+    for seed, stem in enumerate(("COD10K-CAM-1-Aquatic-1-BatFish-1", "camourflage_00012",
+                                 "COD10K-CAM-2-Terrestrial-23-Cat-5", "camourflage_01000")):
+        masks[stem] = _pair(tr_img, tr_gt, stem, seed)
+    masks["animal-7"] = _pair(tr_img, tr_gt, "animal-7", 4)  # neither prefix: kept, source unknown
+    _image(tr_img / "camourflage_00500.jpg", 5)  # image with no mask
+    # a NonCAM pair slipped into the folder is still left out
+    _pair(tr_img, tr_gt, "COD10K-NonCAM-5-Background-1-Sky-1", 6)
+    te_img, te_gt = _folder_pair(base / "TestDataset" / "COD10K")
+    masks["COD10K-CAM-1-Aquatic-3-Crab-2"] = _pair(te_img, te_gt, "COD10K-CAM-1-Aquatic-3-Crab-2", 7)
+    for name in ("CAMO", "CHAMELEON"):  # other test sets: not part of cod10k
+        img_dir, gt_dir = _folder_pair(base / "TestDataset" / name)
+        _pair(img_dir, gt_dir, f"{name.lower()}_1", 8)
+    nc_img, nc_gt = _folder_pair(base / "TestDataset" / "NC4K")
+    masks["nc4k-1"] = _pair(nc_img, nc_gt, "1", 9)
+    return masks
+
+
+SINET_TRAIN_IDS = ["cod10k-train-COD10K-CAM-1-Aquatic-1-BatFish-1",
+                   "cod10k-train-COD10K-CAM-2-Terrestrial-23-Cat-5", "cod10k-train-animal-7",
+                   "cod10k-train-camourflage_00012", "cod10k-train-camourflage_01000"]
+
+
+@pytest.mark.parametrize("where", ["Dataset", ""])
+def test_cod10k_sinet_layout(tmp_path: Path, where: str) -> None:
+    masks = make_sinet(tmp_path)
+    out = read_source("cod10k", tmp_path / where if where else tmp_path, {})
+    assert list(out) == ["train", "test"]
+    train, report = out["train"]
+    assert [r.id for r in train] == SINET_TRAIN_IDS
+    assert [r.meta["source"] for r in train] == ["COD10K", "COD10K", None, "CAMO", "CAMO"]
+    assert report.kept == 5
+    assert report.skipped == {"missing mask": ["cod10k-train-camourflage_00500"]}
+    test, test_report = out["test"]
+    assert [r.id for r in test] == ["cod10k-test-COD10K-CAM-1-Aquatic-3-Crab-2"]  # TestDataset/COD10K only
+    assert test_report.n_skipped == 0 and test[0].meta["source"] == "COD10K"
+    for rec in train + test:
+        stem = rec.id.split("-", 2)[2]
+        assert np.array_equal(decode_rle(rec.mask), masks[stem] >= 128)
+        assert rec.dataset == "cod10k" and rec.query == "Segment the camouflaged object in the image."
+        assert Path(rec.image).is_absolute() and Path(rec.image).name == f"{stem}.jpg"
+        assert rec.meta["mask_file"] == f"{stem}.png"
+        assert validate_record(rec, tmp_path) is None
+
+
+def test_cod10k_sinet_split_option_and_train_only(tmp_path: Path) -> None:
+    make_sinet(tmp_path, train_folder="TrainValDataset")  # the name SINet-V2's own scripts use
+    out = read_source("cod10k", tmp_path / "Dataset", {"splits": ["train"]})
+    assert list(out) == ["train"] and [r.id for r in out["train"][0]] == SINET_TRAIN_IDS
+    # a copy without TestDataset/COD10K has only the train split
+    for name in ("COD10K", "CAMO", "CHAMELEON", "NC4K"):
+        (tmp_path / "Dataset" / "TestDataset" / name).rename(tmp_path / name)
+    assert list(read_source("cod10k", tmp_path / "Dataset", {})) == ["train"]
+
+
+def test_cod10k_sinet_missing_gt_folder_names_layout(tmp_path: Path) -> None:
+    make_sinet(tmp_path)
+    gt = tmp_path / "Dataset" / "TrainDataset" / "GT"
+    gt.rename(tmp_path / "GT")
+    with pytest.raises(DataError) as err:
+        read_source("cod10k", tmp_path, {})
+    msg = str(err.value)
+    assert str(gt) in msg and "expected layout under RAW:" in msg and "TrainDataset/GT/" in msg
+
+
+def test_cod10k_v3_still_preferred_and_ids_unchanged(tmp_path: Path) -> None:
+    make_cod10k(tmp_path)
+    make_sinet(tmp_path)  # both layouts side by side: the original archive wins
+    out = read_source("cod10k", tmp_path, {})
+    assert [r.id for r in out["train"][0]] == ["cod10k-train-COD10K-CAM-1-Aquatic-1-BatFish-1",
+                                               "cod10k-train-COD10K-CAM-2-Terrestrial-23-Cat-5"]
+    assert all("source" not in r.meta for r in out["train"][0] + out["test"][0])
+    assert Path(out["train"][0][0].image).parent == (tmp_path / "COD10K-v3" / "Train" / "Image").resolve()
+
+
+def test_cod10k_neither_layout_shows_both(tmp_path: Path) -> None:
+    (tmp_path / "Dataset" / "TestDataset" / "CAMO" / "Imgs").mkdir(parents=True)  # not COD10K
+    (tmp_path / "Train").mkdir()
+    with pytest.raises(DataError) as err:
+        read_source("cod10k", tmp_path, {})
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "expected layout under RAW:" in msg
+    assert "Train/Image/" in msg and "Test/GT_Object/" in msg  # COD10K-v3 as published
+    assert "TrainDataset/Imgs/" in msg and "TrainDataset/GT/" in msg  # the SINet-V2 repackaging
+    assert "TestDataset/COD10K/Imgs/" in msg and "TestDataset/COD10K/GT/" in msg
+
+
+@pytest.mark.parametrize("where", ["Dataset", ""])
+def test_nc4k_in_sinet_test_dataset(tmp_path: Path, where: str) -> None:
+    masks = make_sinet(tmp_path)
+    out = read_source("nc4k", tmp_path / where if where else tmp_path, {})
+    records, report = out["test"]
+    assert [r.id for r in records] == ["nc4k-test-1"] and report.n_skipped == 0
+    assert np.array_equal(decode_rle(records[0].mask), masks["nc4k-1"] >= 128)
+    assert Path(records[0].image).parent == (tmp_path / "Dataset" / "TestDataset" / "NC4K" / "Imgs").resolve()
+
+
+def test_nc4k_missing_names_sinet_place(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        read_source("nc4k", tmp_path, {})
+    msg = str(err.value)
+    assert str(tmp_path / "TestDataset" / "NC4K") in msg and "TestDataset/NC4K/Imgs/" in msg
+
+
 def test_image_size_decodes_the_whole_file(tmp_path: Path) -> None:
     good = tmp_path / "good.jpg"
     _image(good, 0)

@@ -175,6 +175,54 @@ def test_missing_raw_data_names_path_and_layout(tmp_path: Path) -> None:
         read_source("refcoco", tmp_path, {})
 
 
+@pytest.mark.parametrize("dataset, split_by", [("refcocog", "umd"), ("refcoco", "unc"), ("refcoco+", "unc")])
+def test_raw_may_be_the_dataset_folder(tmp_path: Path, dataset: str, split_by: str) -> None:
+    # RAW = data/<dataset>/, the folder holding refs(*).p and instances.json; images under its parent.
+    data = make_refer(tmp_path, dataset=dataset, split_by=split_by)
+    from_data = read_source(dataset, data, {})
+    from_folder = read_source(dataset, data / dataset, {})
+    assert list(from_folder) == list(from_data) == ["train", "val", "test"]
+    for split, (records, report) in from_data.items():
+        assert [r.to_dict() for r in from_folder[split][0]] == [r.to_dict() for r in records]
+        assert from_folder[split][1] == report
+    image = Path(from_folder["train"][0][0].image)
+    assert image.parent == (data / "images" / "mscoco" / "images" / "train2014").resolve()
+
+
+def test_dataset_folder_given_as_relative_path_and_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_refer(tmp_path)
+    monkeypatch.chdir(data / "refcocog")
+    assert read_source("refcocog", Path("."), {"splits": ["train"]})["train"][1].kept == 3
+    monkeypatch.chdir(data)
+    assert read_source("refcocog", Path("refcocog"), {"splits": ["train"]})["train"][1].kept == 3
+
+
+def test_dataset_folder_without_images_beside_it_is_a_layout_error(tmp_path: Path) -> None:
+    data = make_refer(tmp_path)
+    (data / "images").rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError) as err:
+        read_source("refcocog", data / "refcocog", {})
+    msg = str(err.value)
+    assert str(data / "images" / "mscoco" / "images" / "train2014") in msg and "expected layout under RAW:" in msg
+
+
+def test_wrong_folder_names_path_and_all_three_forms(tmp_path: Path) -> None:
+    data = make_refer(tmp_path, dataset="refcoco+", split_by="unc")
+    for raw in (data / "images", data / "refcoco+"):  # not a refcocog folder at all / another dataset's
+        with pytest.raises(DataError) as err:
+            read_source("refcocog", raw, {})
+        msg = str(err.value)
+        assert str(raw) in msg and "expected layout under RAW:" in msg
+        assert "refcocog/refs(umd).p" in msg and "refcocog/instances.json" in msg
+        assert "data/refcocog/" in msg and "holds data/" in msg  # the layout names all three RAW forms
+    # refcoco and refcoco+ share refs(unc).p: the folder name tells them apart, so refcoco+'s
+    # folder is not read as refcoco.
+    with pytest.raises(DataError) as err:
+        read_source("refcoco", data / "refcoco+", {})
+    msg = str(err.value)
+    assert str(data / "refcoco+") in msg and "refcoco/refs(unc).p" in msg and "named refcoco" in msg
+
+
 def test_missing_image_folder_is_a_layout_error(tmp_path: Path) -> None:
     data = make_refer(tmp_path)
     (data / "images").rename(tmp_path / "elsewhere")

@@ -21,6 +21,7 @@ from rich.table import Table
 from grto_cli import __version__
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
 from grto_cli.core.config import check_choice
+from grto_cli.core.data.records import Record, read_manifest
 from grto_cli.core.io import hash_path, write_json
 from grto_cli.core.project import packaged_params
 
@@ -282,11 +283,9 @@ def write_run_record(path: str | Path, stage: str, config: Any, inputs: dict[str
     write_json(path, record)
 
 
-def training_records(manifest: Path) -> list:
+def training_records(manifest: Path) -> list[Record]:
     """A manifest's records for RL or the bootstrap: empty-target records (kept by `prepare.keep_empty`)
     are left out, since the answer format has no "nothing here" call to reward; evaluation keeps them."""
-    from grto_cli.core.data.records import read_manifest
-
     records, _ = read_manifest(manifest)
     kept = [r for r in records if not r.empty_target]
     if len(kept) < len(records):

@@ -4,12 +4,18 @@
 ``data/<dataset>/instances.json`` holds the COCO train2014 images and annotations they point at,
 and the images live in ``data/images/mscoco/images/train2014``. One record per sentence; the
 mask is the referred annotation decoded exactly as ``pycocotools.coco.COCO.annToMask`` does.
+
+RAW may be ``data/`` itself, the folder that holds ``data/``, or the dataset's own folder
+``data/<dataset>/`` (the one holding the refs and instances files; the images are then looked
+for under its parent). That folder must keep its toolkit name: refcoco and refcoco+ both ship
+``refs(unc).p``, so the name is what tells them apart.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -36,8 +42,9 @@ def layout(dataset: str) -> str:
     folder, split_by, _ = _SPEC[dataset]
     return (f"  {folder}/refs({split_by}).p\n"
             f"  {folder}/instances.json\n"
-            "  images/mscoco/images/train2014/COCO_train2014_*.jpg   (or train2014/)\n"
-            "(RAW is the refer toolkit's data/ folder, or the folder that holds data/)")
+            "  images/mscoco/images/train2014/COCO_train2014_*.jpg   (or images/train2014/, train2014/)\n"
+            f"(RAW is the refer toolkit's data/ folder, the folder that holds data/, or data/{folder}/\n"
+            " itself, the dataset folder holding the two files above; the images are then found in data/)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,13 +142,31 @@ class _Ctx:
         self.sizes = ImageSizes()
 
 
-def _locate(raw: Path, dataset: str) -> tuple[Path, Path]:
+def _holds_files(folder: Path, split_by: str) -> bool:
+    return (folder / f"refs({split_by}).p").is_file() and (folder / "instances.json").is_file()
+
+
+def _find_data_dir(raw: Path, dataset: str) -> Path:
+    """The refer ``data/`` folder: RAW itself, ``RAW/data``, or the parent of RAW = ``data/<dataset>/``.
+
+    RAW counts as the dataset folder only under its toolkit name (refcoco and refcoco+ share
+    ``refs(unc).p``); a folder holding the files under another name is an error, not a guess.
+    """
     folder, split_by, _ = _SPEC[dataset]
+    here = Path(os.path.abspath(raw))  # normalises "." and "..", keeps symlinked folders where they are
+    if _holds_files(here, split_by):
+        if here.name == folder:
+            return here.parent
+        if not _holds_files(here / folder, split_by):
+            detail = (f"{raw} holds refs({split_by}).p and instances.json but is named {here.name!r}, "
+                      f"not {folder!r}; refcoco and refcoco+ share these file names, so the dataset "
+                      f"folder must be named {folder}/")
+            raise missing_data_error(dataset, [raw], layout(dataset), detail=detail)
+    return find_root(raw, ("", "data"), lambda p: _holds_files(p / folder, split_by), dataset, layout(dataset))
 
-    def is_root(p: Path) -> bool:
-        return (p / folder / f"refs({split_by}).p").is_file() and (p / folder / "instances.json").is_file()
 
-    root = find_root(raw, ("", "data"), is_root, dataset, layout(dataset))
+def _locate(raw: Path, dataset: str) -> tuple[Path, Path]:
+    root = _find_data_dir(raw, dataset)
     for sub in _IMAGE_DIRS:
         if (root / sub).is_dir():
             return root, root / sub

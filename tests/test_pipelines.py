@@ -32,7 +32,7 @@ from grto_cli.core.answer import parse_answer
 from grto_cli.core.project import TEMPLATES, package_dir, write_project
 from grto_cli.core.trainer import LoraParams
 from grto_cli.stages.bootstrap import BootstrapStageConfig
-from grto_cli.stages.common import PolicyParams, stage_config
+from grto_cli.stages.common import PolicyParams, ToolParams, stage_config
 from grto_cli.stages.evaluate import EvaluateConfig
 from grto_cli.stages.export import ExportConfig
 from grto_cli.stages.prepare import PrepareConfig
@@ -53,13 +53,14 @@ SETTINGS = {
 }
 
 # params.yaml section -> the config class its stage builds from it
-SECTION_CONFIGS = {"policy": PolicyParams, "prepare": PrepareConfig, "bootstrap": BootstrapStageConfig,
+SECTION_CONFIGS = {"policy": PolicyParams, "tool": ToolParams, "prepare": PrepareConfig, "bootstrap": BootstrapStageConfig,
                    "train": TrainConfig, "export": ExportConfig}
 # `grto` command -> (config class, params section); the config is built exactly as the stage's run() does
 COMMAND_CONFIGS = {"prepare": (PrepareConfig, "prepare"), "evaluate": (EvaluateConfig, "evaluate"),
                    "bootstrap": (BootstrapStageConfig, "bootstrap"), "train": (TrainConfig, "train"),
                    "export": (ExportConfig, "export")}
 POLICY_COMMANDS = {"evaluate", "bootstrap", "train", "export"}
+TOOL_COMMANDS = {"evaluate", "bootstrap", "train"}  # export loads the system on the CPU with the tool's defaults
 
 ALL_SETTINGS = sorted(p.parent.name for p in TEMPLATES.glob("*/params.yaml") if p.parent.name != "synthetic")
 _PROJECTS = tempfile.TemporaryDirectory(prefix="grto-projects-")
@@ -169,7 +170,7 @@ def _check_types(cfg, where: str) -> None:
 def test_every_section_builds_its_stage_config(setting):
     path = params_path(setting)
     params = load_params(setting)
-    assert {"policy", "prepare", "evaluate", "bootstrap", "train", "export", "raw"} <= set(params)
+    assert {"policy", "tool", "prepare", "evaluate", "bootstrap", "train", "export", "raw"} <= set(params)
     for section in params:
         if section == "raw":  # dataset -> raw folder, read by dvc.yaml's prepare stages
             assert isinstance(params["raw"], dict) and params["raw"]
@@ -252,6 +253,8 @@ def test_every_command_parses_and_reads_its_own_params(setting):
         assert section in tracked or any(t.startswith(section + ".") for t in tracked), f"{name}: {tracked}"
         if command in POLICY_COMMANDS:
             assert "policy" in tracked, f"{name} runs the policy but does not track the policy section"
+        if command in TOOL_COMMANDS:
+            assert "tool" in tracked, f"{name} runs the tool but does not track the tool section"
 
 
 def _grto_stage(setting: str, name: str):

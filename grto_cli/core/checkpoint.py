@@ -31,7 +31,7 @@ import torch
 
 from grto_cli.core.io import atomic_dir, hash_path, recover_dir, write_json, write_text
 from grto_cli.core.policy import Policy, load_policy
-from grto_cli.core.tool import EmbeddingCache, SamTool, load_sam, save_sam
+from grto_cli.core.tool import DEFAULT_ENCODE_BATCH, EmbeddingCache, SamTool, load_sam, save_sam
 
 POLICY_DIR = "policy"
 TOOL_DIR = "tool"
@@ -63,13 +63,14 @@ def system_paths(system: str | Path | None, policy: str | None = None, tool: str
 
 def load_system(paths: SystemPaths, prompt_template: str, device: str = "cpu", dtype: str = "float32",
                 trust_remote_code: bool = False, coord_convention: str | None = None,
-                embedding_cache: EmbeddingCache | None = None) -> tuple[Policy, SamTool]:
+                embedding_cache: EmbeddingCache | None = None, encode_batch: int = DEFAULT_ENCODE_BATCH
+                ) -> tuple[Policy, SamTool]:
     policy = load_policy(paths.policy, prompt_template=prompt_template, device=device, dtype=dtype,
                          trust_remote_code=trust_remote_code, coord_convention=coord_convention)
     policy.model.eval()
     sam, arch = load_sam(paths.tool, paths.tool_arch)
     sam.to(device)
-    return policy, SamTool(sam, arch, embedding_cache)
+    return policy, SamTool(sam, arch, embedding_cache, encode_batch)
 
 
 def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False) -> None:

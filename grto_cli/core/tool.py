@@ -139,15 +139,30 @@ def trainable_tool_parameters(sam: Sam) -> list[torch.nn.Parameter]:
     return list(sam.prompt_encoder.parameters()) + list(sam.mask_decoder.parameters())
 
 
-class EmbeddingCache:
-    """Image-encoder outputs by image key, least-recently-used first out, optionally on disk too."""
+# ViT-H's global attention needs ~3 GB per 1024x1024 image: the encoder sees this many images at once.
+DEFAULT_ENCODE_BATCH = 4
+# Cached embeddings live in CPU memory: ViT-H's is 256x64x64 fp32 = 4 MiB, so 1 GiB holds 256 images.
+DEFAULT_CACHE_BYTES = 1 << 30
 
-    def __init__(self, max_items: int = 4096, disk_dir: str | Path | None = None):
-        self.max_items = max_items
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.nelement() * t.element_size()
+
+
+class EmbeddingCache:
+    """Image-encoder outputs by image key, kept on the CPU (never on the GPU), least recently used
+    first out once they hold more than ``max_bytes``; optionally on disk too (``disk_dir``)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, disk_dir: str | Path | None = None):
+        self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def _disk_path(self, key: str) -> Path | None:
         if self.disk_dir is None:
@@ -169,28 +184,43 @@ class EmbeddingCache:
         return None
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        self._remember(key, value)
+        value = self._remember(key, value)
         path = self._disk_path(key)
         if path is not None and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                torch.save(value.cpu(), tmp)
+                torch.save(value, tmp)
 
-    def _remember(self, key: str, value: torch.Tensor) -> None:
+    def _remember(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to("cpu")
+        if key in self._items:
+            self.bytes -= _nbytes(self._items[key])
         self._items[key] = value
         self._items.move_to_end(key)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        self.bytes += _nbytes(value)
+        while self.bytes > self.max_bytes and self._items:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= _nbytes(old)
+        return value
+
+
+def _content_key(image: np.ndarray) -> str:
+    """Identifies an image by its pixels, so a batch's duplicates (G copies of one prompt) share one pass."""
+    return f"{image.shape}:{hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()}"
 
 
 class SamTool:
     """Batched, differentiable decoding of parsed tool calls into mask logits."""
 
-    def __init__(self, sam: Sam, arch: SamArch, cache: EmbeddingCache | None = None):
+    def __init__(self, sam: Sam, arch: SamArch, cache: EmbeddingCache | None = None,
+                 encode_batch: int = DEFAULT_ENCODE_BATCH):
+        if encode_batch < 1:
+            raise ValueError(f"encode_batch must be at least 1, got {encode_batch}")
         self.sam = sam
         self.arch = arch
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.sam_embedding_cache = cache if cache is not None else EmbeddingCache()
+        self.encode_batch = encode_batch
 
     @property
     def device(self) -> torch.device:
@@ -206,18 +236,36 @@ class SamTool:
 
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
-        """Frozen image-encoder embeddings (B, C, h, w), one encoder pass per image not yet cached."""
+        """Frozen image-encoder embeddings (B, C, h, w) on the tool's device.
+
+        Keyed images are read from the cache when there; every other distinct image (by key, else by
+        its pixels) is encoded once, in chunks of ``encode_batch`` images, under bf16 autocast on CUDA.
+        """
         keys = list(keys) if keys is not None else [None] * len(images)
-        out: list[torch.Tensor | None] = [self.sam_embedding_cache.get(k) if k else None for k in keys]
-        todo = [i for i, e in enumerate(out) if e is None]
-        if todo:
-            batch = torch.cat([self.preprocess(images[i]) for i in todo])
-            fresh = self.sam.image_encoder(batch)
-            for i, emb in zip(todo, fresh):
-                out[i] = emb[None]
+        ids = [k if k else _content_key(im) for k, im in zip(keys, images)]
+        found: dict[str, torch.Tensor] = {}
+        pending: set[str] = set()
+        todo: list[int] = []  # first index of each distinct image that still needs the encoder
+        for i, (key, ident) in enumerate(zip(keys, ids)):
+            if ident in found or ident in pending:
+                continue
+            cached = self.sam_embedding_cache.get(key) if key else None
+            if cached is None:
+                todo.append(i)
+                pending.add(ident)
+            else:
+                found[ident] = cached
+        cuda = self.device.type == "cuda"
+        for start in range(0, len(todo), self.encode_batch):
+            chunk = todo[start:start + self.encode_batch]
+            pixels = torch.cat([self.preprocess(images[i]) for i in chunk])  # (b, 3, S, S)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                fresh = self.sam.image_encoder(pixels).float()  # (b, C, h, w)
+            for i, emb in zip(chunk, fresh):
+                found[ids[i]] = emb[None]
                 if keys[i]:
-                    self.sam_embedding_cache.put(keys[i], emb[None].detach())
-        return torch.cat([e.to(self.device) for e in out])  # type: ignore[union-attr]
+                    self.sam_embedding_cache.put(keys[i], emb[None])
+        return torch.cat([found[ident].to(self.device) for ident in ids])
 
     def decode(self, embedding: torch.Tensor, calls: Sequence[ToolCall | None],
                original_size: tuple[int, int]) -> torch.Tensor:

@@ -12,7 +12,8 @@ from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
 from grto_cli.core.io import atomic_dir, write_jsonl
 from grto_cli.core.metrics import TOOL_LOSS
 from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
-                                    set_threads, stage_config, summary_table, training_records, write_run_record)
+                                    set_threads, stage_config, summary_table, tool_params, training_records,
+                                    write_run_record)
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -33,6 +34,7 @@ class BootstrapStageConfig(BootstrapConfig):
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)  # validated
     pol_cfg = policy_params(params, overrides)
+    tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
     import torch
@@ -43,7 +45,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     if cfg.max_queries:
         records = records[:cfg.max_queries]
     paths = system_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_stage_system(paths, pol_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
 
     rows = []
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from grto_cli.core.config import check_choice
 from grto_cli.core.data.records import Record, read_manifest
 from grto_cli.core.io import hash_path, write_json
 from grto_cli.core.project import packaged_params
+from grto_cli.core.tool import DEFAULT_CACHE_BYTES, DEFAULT_ENCODE_BATCH
 
 console = Console(stderr=True)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -201,6 +202,23 @@ class PolicyParams:
 
 def policy_params(params_path: str | Path | None, overrides: list[str] | None = None) -> PolicyParams:
     return stage_config(PolicyParams, params_path, "policy", overrides)
+
+
+@dataclasses.dataclass
+class ToolParams:
+    """The ``tool`` section: how SAM's image encoder runs, shared by every stage that runs the tool."""
+    encode_batch: int = DEFAULT_ENCODE_BATCH  # images per encoder pass (ViT-H at 1024²: ~3 GB each)
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # CPU memory for cached embeddings (ViT-H: 4 MiB per image)
+    cache_dir: str | None = None  # also keep embeddings on disk here (re-used across runs)
+
+    def validate(self) -> None:
+        if self.encode_batch < 1 or self.cache_bytes < 0:
+            raise ConfigError(f"tool.encode_batch must be >= 1 and tool.cache_bytes >= 0, got "
+                              f"{self.encode_batch} and {self.cache_bytes}")
+
+
+def tool_params(params_path: str | Path | None, overrides: list[str] | None = None) -> ToolParams:
+    return stage_config(ToolParams, params_path, "tool", overrides)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -16,8 +16,8 @@ from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, call_box_iou, point_in_target
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers,
-                                    set_threads, stage_config, summary_table, write_run_record)
+from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers, set_threads,
+                                    stage_config, summary_table, tool_params, write_run_record)
 from grto_cli.stages.system import load_stage_system
 
 CAMOUFLAGE_DATASETS = {"cod10k", "nc4k"}
@@ -70,6 +70,7 @@ def default_out(cfg: EvaluateConfig) -> Path:
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(EvaluateConfig, params, "evaluate", overrides, **explicit)
     pol_cfg = policy_params(params, overrides)
+    tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -78,7 +79,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     if cfg.limit:
         records = records[:cfg.limit]
     paths = system_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_stage_system(paths, pol_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
 
     meter, grounding = SegmentationMeter(), GroundingMeter()
     cod_meter = _camouflage_meter(records)

@@ -1,15 +1,17 @@
-"""Loading the policy + tool a stage runs, as the ``policy`` section says."""
+"""Loading the policy + tool a stage runs, as the ``policy`` and ``tool`` sections say."""
 
 from __future__ import annotations
 
 from grto_cli.core.checkpoint import SystemPaths, load_system
 from grto_cli.core.policy import Policy
-from grto_cli.core.tool import SamTool
-from grto_cli.stages.common import PolicyParams, pick_device, pick_dtype
+from grto_cli.core.tool import EmbeddingCache, SamTool
+from grto_cli.stages.common import PolicyParams, ToolParams, pick_device, pick_dtype
 
 
-def load_stage_system(paths: SystemPaths, pol: PolicyParams) -> tuple[Policy, SamTool]:
-    """Policy + tool on the device and dtype the ``policy`` section asks for."""
+def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams) -> tuple[Policy, SamTool]:
+    """Policy + tool on the device and dtype the ``policy`` section asks for; SAM's encoder chunking
+    and embedding cache as the ``tool`` section asks."""
     device = pick_device(pol.device)
+    cache = EmbeddingCache(max_bytes=tool.cache_bytes, disk_dir=tool.cache_dir)
     return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,
-                       pol.coord_convention)
+                       pol.coord_convention, cache, tool.encode_batch)

@@ -20,7 +20,7 @@ from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import RLConfig, Schedule, Trainer
 from grto_cli.stages.common import (FLAT, PolicyParams, console, pick_device, pick_dtype, policy_params,
                                     progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
-                                    training_records, write_run_record)
+                                    tool_params, training_records, write_run_record)
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -67,6 +67,7 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
 def run(params: str | None, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
     cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)  # validated: nothing loaded yet
     pol_cfg = policy_params(params, overrides)
+    tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
     root = Path(cfg.data)
@@ -79,7 +80,7 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     moved = run_dir.open(fresh=fresh)
     if moved:
         console.print(f"--fresh: the earlier checkpoints of this configuration were moved to {moved}")
-    policy, tool = load_stage_system(paths, pol_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
     trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think)
 
     resume_step = run_dir.resume_step()

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from grto_cli.core.answer import format_answer, parse_answer
-from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, load_policy, repeat_prompts,
-                                  resized_sizes, sampling_config)
+from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, generate, load_policy,
+                                  repeat_prompts, resized_sizes, sampling_config)
 
 
 def test_completion_mask_stops_after_first_eos_even_when_pad_is_eos():
@@ -111,3 +111,36 @@ def test_a_right_padded_checkpoint_is_loaded_left_padded(tiny_system, tmp_path):
     batch = encode_prompts(policy, _images(2), ["a", "the shape left of the blue square"])
     mask = batch["attention_mask"]
     assert mask[:, -1].all() and (mask[:, 0] == 0).any()  # padding on the left only
+
+
+def test_logprobs_never_build_logits_longer_than_a_completion_chunk(tiny_system):
+    """The LM head only ever sees completion positions, ``chunk`` at a time (a hook on it records
+    every logits tensor), and the chunked log-probs and their gradients equal one whole pass."""
+    policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
+    model = policy.model
+    batch = repeat_prompts(encode_prompts(policy, _images(2), ["the red circle", "the blue square"]), 2)
+    torch.manual_seed(0)
+    completion, _ = generate(policy, batch, sampling_config(policy, 12, temperature=1.0))
+    mask = completion_mask(completion, policy.eos_token_id)
+    shapes: list[tuple] = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        chunked = completion_logprobs(model, batch, completion, mask, 0.7, policy.suppressed_ids, chunk=5)
+        chunked.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        shapes_chunked = list(shapes)
+        whole = completion_logprobs(model, batch, completion, mask, 0.7, policy.suppressed_ids, chunk=10 ** 6)
+        whole.sum().backward()
+    finally:
+        hook.remove()
+    L, V = completion.shape[1], model.lm_head.out_features
+    # forward chunks of <= 5 tokens (recomputed once more each in the backward), never the prompt
+    assert shapes_chunked and all(s[1] <= 5 and s[-1] == V for s in shapes_chunked)
+    assert sum(s[1] for s in shapes_chunked) == 2 * L
+    assert max(s[1] for s in shapes) == L  # the whole pass: the completion's L positions, not P + L
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
+    assert "lm_head.weight" in grads or any("embed_tokens" in n for n in grads)  # the head got a gradient

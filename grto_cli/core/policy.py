@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
@@ -173,29 +174,50 @@ def generate(policy: Policy, batch: dict, config: GenerationConfig) -> tuple[tor
     return completion, mask
 
 
+LOGPROB_CHUNK = 64  # completion tokens whose full-vocabulary logits exist at once (per row)
+
+
 def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: torch.Tensor,
-                        mask: torch.Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = ()
-                        ) -> torch.Tensor:
+                        mask: torch.Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = (),
+                        chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """Per-token log-probs (B, L) of ``completion_ids`` given the prompts, under the sampling
     distribution: logits / temperature, with the tokens sampling suppresses at -inf.
 
     The prompt's side inputs are rebuilt for prompt + completion: the attention mask is extended
     by the completion mask, ``mm_token_type_ids`` by zeros (text), and M-RoPE position ids are left
     to the model, which derives them from the full input ids and attention mask.
+
+    Memory: the language model returns hidden states, never logits; the LM head runs on the
+    completion positions only, ``chunk`` tokens at a time, each chunk under activation
+    checkpointing, so no (B, L, V) tensor (V ~152k for Qwen) exists in the forward or the backward.
     """
-    prompt_len = batch["input_ids"].shape[1]
+    prompt_len, length = batch["input_ids"].shape[1], completion_ids.shape[1]
     inputs = dict(batch)
     inputs["input_ids"] = torch.cat([batch["input_ids"], completion_ids], dim=1)
     inputs["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in batch:
             inputs[key] = torch.cat([batch[key], torch.zeros_like(completion_ids, dtype=batch[key].dtype)], dim=1)
-    logits = model(**inputs, use_cache=False).logits[:, prompt_len - 1:-1].float()  # (B, L, V)
-    if suppressed_ids:
-        ids = torch.tensor(list(suppressed_ids), device=logits.device)
-        logits = logits.index_fill(-1, ids, float("-inf"))
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1) * mask
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay in place
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state  # (B, P + L, H), after the final norm
+    hidden = hidden[:, prompt_len - 1:prompt_len - 1 + length]  # (B, L, H): the states that predict the completion
+    head = base.get_output_embeddings()
+    suppressed = torch.tensor(list(suppressed_ids), device=hidden.device, dtype=torch.long)
+
+    def chunk_logprobs(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()  # (B, c, V)
+        if len(suppressed):
+            logits = logits.index_fill(-1, suppressed, float("-inf"))
+        return torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, c)
+
+    parts = []
+    for s in range(0, length, chunk):
+        h, ids = hidden[:, s:s + chunk], completion_ids[:, s:s + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, h, ids, use_reentrant=False))
+        else:
+            parts.append(chunk_logprobs(h, ids))
+    return torch.cat(parts, dim=1) * mask  # (B, L)
 
 
 def decode_completions(policy: Policy, completion_ids: torch.Tensor) -> list[str]:

@@ -31,7 +31,7 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _trainer(tiny_system, synthetic_data, method, pad_is_eos=False, **overrides):
+def _trainer(tiny_system, synthetic_data, method, pad_is_eos=False, memory=None, **overrides):
     policy, tool = load_system(system_paths(tiny_system), TEMPLATE)
     if pad_is_eos:  # as many real checkpoints ship: padding with the EOS token
         policy.tokenizer.pad_token = policy.tokenizer.eos_token
@@ -40,7 +40,7 @@ def _trainer(tiny_system, synthetic_data, method, pad_is_eos=False, **overrides)
     settings = dict(method=method, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
                     micro_batch=3, policy_lr=1e-3, tool_lr=1e-3)
     cfg = RLConfig(**{**settings, **overrides})
-    return Trainer(cfg, policy, tool, train, val, synthetic_data)
+    return Trainer(cfg, policy, tool, train, val, synthetic_data, memory=memory)
 
 
 def test_tool_loss_gradients_reach_only_prompt_encoder_and_mask_decoder():
@@ -305,3 +305,62 @@ def test_completions_never_hold_image_tokens(tiny_system, synthetic_data):
     assert torch.isfinite(got).all()
     metrics = trainer.step()
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def _policy_grads(trainer, batch):
+    trainer.policy.model.train()
+    trainer.policy_opt.zero_grad()
+    trainer.accumulate_policy_gradients(batch, torch.linspace(-1.0, 1.0, batch.completion_ids.shape[0]), None, None)
+    return {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [None, LoraParams(r=4, alpha=8, dropout=0.0)], ids=["full", "lora"])
+def test_memory_knobs_leave_the_gradient_as_it_is(tiny_system, synthetic_data, lora):
+    """Non-reentrant activation checkpointing and small log-prob chunks change memory, not the math:
+    the same rollouts give the same policy gradient (LoRA included: its inputs need a graph)."""
+    from grto_cli.core.trainer import MemoryParams
+
+    torch.manual_seed(0)  # LoRA's A matrices start random: both trainers draw the same
+    plain = _trainer(tiny_system, synthetic_data, "grpo", lora=lora)
+    batch = plain.rollouts(0)
+    expected = _policy_grads(plain, batch)
+    torch.manual_seed(0)
+    lean = _trainer(tiny_system, synthetic_data, "grpo", lora=lora,
+                    memory=MemoryParams(gradient_checkpointing=True, logprob_chunk=3))
+    model = lean.policy.model
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    seen: list[int] = []
+    head = lean.policy.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    got = _policy_grads(lean, batch)
+    hook.remove()
+    assert seen and max(seen) <= 3  # the trainer passes train.logprob_chunk down
+    assert expected and set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_full_finetune_freezes_the_vision_tower_unless_told(tiny_system, synthetic_data):
+    from grto_cli.core.policy import vision_tower
+
+    frozen = _trainer(tiny_system, synthetic_data, "grpo")
+    tower = vision_tower(frozen.policy.model)
+    assert not any(p.requires_grad for p in tower.parameters())
+    in_opt = {id(p) for g in frozen.policy_opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in tower.parameters())
+    assert any(p.requires_grad for p in frozen.policy.model.parameters())  # the language model still trains
+    free = _trainer(tiny_system, synthetic_data, "grpo", freeze_vision=False)
+    assert all(p.requires_grad for p in vision_tower(free.policy.model).parameters())
+
+
+def test_full_finetune_of_half_precision_weights_is_refused(tiny_system, synthetic_data):
+    """AdamW on bf16 weights: at lr 1e-6 most updates round away. Refused with what to do instead;
+    LoRA on the same bf16 model is fine (its adapters train in float32)."""
+    policy, tool = load_system(system_paths(tiny_system), TEMPLATE, dtype="bfloat16")
+    train, _ = read_manifest(synthetic_data / "train.jsonl")
+    with pytest.raises(ValueError, match=r"bfloat16.*policy.dtype: float32.*train.lora"):
+        Trainer(RLConfig(method="grpo"), policy, tool, train, [], synthetic_data)
+    policy, tool = load_system(system_paths(tiny_system), TEMPLATE, dtype="bfloat16")
+    trainer = Trainer(RLConfig(method="grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0)), policy, tool, train, [],
+                      synthetic_data)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.model.parameters() if p.requires_grad)

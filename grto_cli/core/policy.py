@@ -79,6 +79,15 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
                   suppressed_ids=multimodal_token_ids(model.config))
 
 
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The image encoder of a Qwen-family VLM (``visual``), wherever its model class nests it."""
+    for owner in (model, getattr(model, "model", None)):
+        tower = getattr(owner, "visual", None)
+        if isinstance(tower, torch.nn.Module):
+            return tower
+    return None
+
+
 def multimodal_token_ids(config) -> tuple[int, ...]:
     ids = {getattr(config, key, None) for key in MULTIMODAL_TOKEN_KEYS}
     return tuple(sorted(i for i in ids if isinstance(i, int)))

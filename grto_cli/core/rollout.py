@@ -15,7 +15,7 @@ from PIL import Image
 
 from grto_cli.core.data.records import Record
 from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
-from grto_cli.core.policy import (Policy, completion_logprobs, decode_completions, encode_prompts, generate,
+from grto_cli.core.policy import (LOGPROB_CHUNK, Policy, completion_logprobs, decode_completions, encode_prompts, generate,
                                   repeat_prompts, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
 from grto_cli.core.tool import SamTool
@@ -94,11 +94,11 @@ def concat_rewards(parts: Sequence[RewardBreakdown]) -> RewardBreakdown:
 
 
 def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, temperature: float,
-                     suppressed_ids: Sequence[int] = ()) -> torch.Tensor:
+                     suppressed_ids: Sequence[int] = (), chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """Per-token log-probs of a slice of the rollouts' completions under ``model``."""
     prompts = slice_prompts(batch.prompts, rows)
     return completion_logprobs(model, prompts, batch.completion_ids[rows], batch.completion_mask[rows], temperature,
-                               suppressed_ids)
+                               suppressed_ids, chunk)
 
 
 def slice_prompts(prompts: dict, rows: slice) -> dict:

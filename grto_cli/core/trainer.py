@@ -35,7 +35,7 @@ from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, RO
                                    VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU, VAL_ORACLE_GIOU,
                                    VAL_POINT_IN_TARGET, VAL_PROMPT_ADHERENCE, GroundingMeter, SegmentationMeter,
                                    distinct_calls)
-from grto_cli.core.policy import Policy
+from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
 from grto_cli.core.tool import SEG_LOSSES, SamTool
@@ -74,6 +74,7 @@ class RLConfig:
     tool_weighting: str = "uniform"
     rewards: RewardWeights = field(default_factory=RewardWeights)
     lora: LoraParams | None = None
+    freeze_vision: bool = True  # full fine-tuning (lora: null) leaves the vision tower as it is
     seed: int = 0
 
     def validate(self) -> None:
@@ -98,6 +99,14 @@ class Schedule:
 
 
 @dataclass
+class MemoryParams:
+    """Compute-for-memory trades that leave the math as it is (free to change when a run resumes)."""
+
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the policy
+    logprob_chunk: int = LOGPROB_CHUNK  # completion tokens whose full-vocabulary logits exist at once
+
+
+@dataclass
 class TrainState:
     step: int = 0  # steps completed
     best_val_giou: float | None = None
@@ -107,14 +116,20 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: RLConfig, policy: Policy, tool: SamTool, train_records: list[Record],
-                 val_records: list[Record], root: Path, require_think: bool = False):
+                 val_records: list[Record], root: Path, require_think: bool = False,
+                 memory: MemoryParams | None = None):
         cfg.validate()
         self.cfg, self.policy, self.tool = cfg, policy, tool
+        self.memory = memory or MemoryParams()
         self.train_records, self.val_records, self.root = train_records, val_records, root
         self.require_think = require_think
         self.state = TrainState()
+        if self.memory.gradient_checkpointing:
+            self._checkpoint_activations()
         if cfg.lora is not None:
             self._wrap_lora(cfg.lora)
+        else:
+            self._prepare_full_finetune()
         self.reference = self._reference_model() if cfg.beta > 0 else None
         self.train_tool = cfg.method in ("grto", "b-grto")
         freeze_image_encoder(tool)
@@ -134,6 +149,31 @@ class Trainer:
         targets = rf".*language_model.*\.({'|'.join(lora.target_modules)})$"
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
         self.policy.model = get_peft_model(self.policy.model, config)
+
+    def _checkpoint_activations(self) -> None:
+        model = self.policy.model
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.lora is not None:
+            model.enable_input_require_grads()  # frozen embeddings: LoRA's checkpointed blocks still get a graph
+
+    def _prepare_full_finetune(self) -> None:
+        """Every policy weight trains, except the vision tower unless ``freeze_vision`` is off; AdamW on
+        half-precision weights is refused: at lr 1e-6 most updates fall below bf16's resolution."""
+        model = self.policy.model
+        if self.cfg.freeze_vision:
+            vision = vision_tower(model)
+            if vision is None:
+                raise ValueError(f"freeze_vision: no vision tower found in {type(model).__name__}; "
+                                 f"set train.freeze_vision: false to train every weight")
+            vision.requires_grad_(False)
+        half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if half:
+            raise ValueError(f"full fine-tuning (train.lora: null) of {', '.join(half)} weights: AdamW would update "
+                             f"them in that precision, and updates below its resolution round away. Load the "
+                             f"policy in float32 (policy.dtype: float32) or train LoRA adapters (train.lora)")
 
     def _reference_model(self):
         if self.cfg.lora is not None:
@@ -218,7 +258,8 @@ class Trainer:
         """Per-token log-probs (n, L) of some rollouts under ``model`` in the sampling distribution
         (temperature, suppressed tokens): the one place every policy, old-policy and reference
         log-prob is computed."""
-        return rollout_logprobs(model, batch, rows, self.cfg.sampling.temperature, self.policy.suppressed_ids)
+        return rollout_logprobs(model, batch, rows, self.cfg.sampling.temperature, self.policy.suppressed_ids,
+                                self.memory.logprob_chunk)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, batch: RolloutBatch) -> torch.Tensor:

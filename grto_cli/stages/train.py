@@ -17,7 +17,7 @@ from grto_cli.core.checkpoint import TOOL_DIR, RunDir, copy_system, input_finger
 from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
-from grto_cli.core.trainer import RLConfig, Schedule, Trainer
+from grto_cli.core.trainer import MemoryParams, RLConfig, Schedule, Trainer
 from grto_cli.stages.common import (FLAT, PolicyParams, console, pick_device, pick_dtype, policy_params,
                                     progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
                                     tool_params, training_records, write_run_record)
@@ -29,6 +29,7 @@ from grto_cli.stages.system import load_stage_system
 class TrainConfig:
     rl: RLConfig = field(default_factory=RLConfig, metadata=FLAT)  # what defines the run
     schedule: Schedule = field(default_factory=Schedule, metadata=FLAT)  # how long, how often
+    memory: MemoryParams = field(default_factory=MemoryParams, metadata=FLAT)  # memory for compute, same math
     # where things come from and go to
     data: str = "data/prepared/synthetic"
     base: str | None = "models/base"  # initial system: policy/ + tool/
@@ -81,7 +82,7 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     if moved:
         console.print(f"--fresh: the earlier checkpoints of this configuration were moved to {moved}")
     policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
-    trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think)
+    trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think, cfg.memory)
 
     resume_step = run_dir.resume_step()
     console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +

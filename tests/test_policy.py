@@ -144,3 +144,36 @@ def test_logprobs_never_build_logits_longer_than_a_completion_chunk(tiny_system)
         if name in grads:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
     assert "lm_head.weight" in grads or any("embed_tokens" in n for n in grads)  # the head got a gradient
+
+
+def test_max_pixels_bounds_the_visual_tokens_and_travels_with_the_saved_system(tiny_system, tmp_path):
+    """The tiny processor sees 64x64 images as 16 visual tokens (16x16 pixels each); max_pixels 1024
+    allows 4. A system saved from that policy (and its export bundle) resizes the same way."""
+    from grto_cli.core.checkpoint import load_system, save_system, system_paths
+    from grto_cli.core.export import read_bundle, write_bundle
+    from grto_cli.core.policy import pixel_limits
+
+    def visual_tokens(policy) -> int:
+        batch = encode_prompts(policy, _images(1), ["the red circle"])
+        return int((batch["input_ids"] == policy.model.config.image_token_id).sum())
+
+    assert visual_tokens(load_policy(tiny_system / "policy")) == 16
+    bounded = load_policy(tiny_system / "policy", min_pixels=256, max_pixels=1024)
+    assert visual_tokens(bounded) == 4 and pixel_limits(bounded.processor) == {"min_pixels": 256, "max_pixels": 1024}
+    policy, tool = load_system(system_paths(tiny_system), "Locate: {query}.", max_pixels=1024, min_pixels=256)
+    save_system(policy, tool, tmp_path / "system")
+    assert visual_tokens(load_policy(tmp_path / "system" / "policy")) == 4
+    write_bundle(policy, tool, tmp_path / "bundle", {"require_think": False, "max_new_tokens": 8}, {})
+    again, _, spec = read_bundle(tmp_path / "bundle")
+    assert visual_tokens(again) == 4 and spec["policy"]["max_pixels"] == 1024
+
+
+def test_an_unknown_family_asks_for_coord_convention():
+    from grto_cli.core.policy import FAMILY_CONVENTIONS, family_convention
+
+    assert family_convention("qwen2_5_vl") == "absolute"
+    assert family_convention("qwen2_vl") == family_convention("qwen3_vl") == "relative1000"
+    with pytest.raises(ValueError, match=r"'llava'.*policy.coord_convention.*absolute.*relative1000"):
+        family_convention("llava")
+    assert family_convention("llava", "relative1000") == "relative1000"
+    assert set(FAMILY_CONVENTIONS) >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}

@@ -63,10 +63,11 @@ def system_paths(system: str | Path | None, policy: str | None = None, tool: str
 
 def load_system(paths: SystemPaths, prompt_template: str, device: str = "cpu", dtype: str = "float32",
                 trust_remote_code: bool = False, coord_convention: str | None = None,
-                embedding_cache: EmbeddingCache | None = None, encode_batch: int = DEFAULT_ENCODE_BATCH
-                ) -> tuple[Policy, SamTool]:
+                embedding_cache: EmbeddingCache | None = None, encode_batch: int = DEFAULT_ENCODE_BATCH,
+                min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[Policy, SamTool]:
     policy = load_policy(paths.policy, prompt_template=prompt_template, device=device, dtype=dtype,
-                         trust_remote_code=trust_remote_code, coord_convention=coord_convention)
+                         trust_remote_code=trust_remote_code, coord_convention=coord_convention,
+                         min_pixels=min_pixels, max_pixels=max_pixels)
     policy.model.eval()
     sam, arch = load_sam(paths.tool, paths.tool_arch)
     sam.to(device)

@@ -15,7 +15,7 @@ import yaml
 from grto_cli.core.answer import ANSWER_FORMAT
 from grto_cli.core.checkpoint import POLICY_DIR, TOOL_DIR, SystemPaths, load_system, save_system
 from grto_cli.core.io import atomic_dir, write_text
-from grto_cli.core.policy import Policy
+from grto_cli.core.policy import Policy, pixel_limits
 from grto_cli.core.tool import SAM_ARCH, SAM_WEIGHTS, SamTool
 
 BUNDLE_FILE = "grto.yaml"
@@ -29,6 +29,7 @@ def write_bundle(policy: Policy, tool: SamTool, out: str | Path, settings: dict,
             "format": "grto-bundle/1",
             "policy": {"path": POLICY_DIR, "model_type": getattr(policy.model.config, "model_type", None),
                        "prompt_template": policy.prompt_template, "coord_convention": policy.coord_convention,
+                       **pixel_limits(policy.processor),  # the saved processor resizes with these bounds
                        "answer_format": ANSWER_FORMAT, **settings},
             "tool": {"weights": f"{TOOL_DIR}/{SAM_WEIGHTS}", "arch": f"{TOOL_DIR}/{SAM_ARCH}",
                      "library": "segment-anything"},

@@ -17,11 +17,12 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from grto_cli.core.answer import DEFAULT_TEMPLATE
+from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
 
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
 # image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
-FAMILY_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000"}
+FAMILY_CONVENTIONS = {"qwen2_5_vl": "absolute", "qwen2_vl": "relative1000", "qwen3_vl": "relative1000",
+                      "qwen3_vl_moe": "relative1000"}
 # Multimodal placeholder tokens a completion must never hold: an image token sampled into a
 # completion makes the log-prob pass look for image features that do not exist (and would be
 # nonsense as an answer). They are suppressed in sampling and, identically, in training log-probs.
@@ -56,8 +57,14 @@ class Policy:
 
 def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-                coord_convention: str | None = None) -> Policy:
-    """Load a VLM and its processor by local path or hub id (offline: the hub cache only)."""
+                coord_convention: str | None = None, min_pixels: int | None = None,
+                max_pixels: int | None = None) -> Policy:
+    """Load a VLM and its processor by local path or hub id (offline: the hub cache only).
+
+    ``min_pixels`` / ``max_pixels`` bound the pixels of each image after the processor's resize, and
+    so its visual tokens (Qwen: one per 28x28 pixels); None keeps the checkpoint's own values. They
+    go into the processor's config, so a system saved from this policy resizes images the same way.
+    """
     local = Path(path)
     is_adapter = (local / "adapter_config.json").is_file()
     if local.exists() and not is_adapter and not (local / "config.json").is_file():
@@ -65,7 +72,8 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
                                 f"directory: config.json, model weights, tokenizer and processor files, or a "
                                 f"LoRA adapter directory with adapter_config.json)")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code, **pixels)
     processor.tokenizer.padding_side = "left"  # generation and batched log-probs both need left padding
     if is_adapter:
         model = _load_lora_merged(local, torch_dtype, trust_remote_code)
@@ -73,10 +81,31 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype,
                                                             trust_remote_code=trust_remote_code)
     model.to(device)
-    model_type = getattr(model.config, "model_type", "")
-    convention = coord_convention or FAMILY_CONVENTIONS.get(model_type, "absolute")
+    convention = family_convention(getattr(model.config, "model_type", ""), coord_convention)
     return Policy(model=model, processor=processor, coord_convention=convention, prompt_template=prompt_template,
                   suppressed_ids=multimodal_token_ids(model.config))
+
+
+def family_convention(model_type: str, explicit: str | None = None) -> str:
+    """How a model family writes coordinates: ``explicit`` when given, else the family's own; an
+    unknown family is an error, never a guess (a wrong convention scales every box)."""
+    if explicit is not None:
+        return explicit
+    if model_type not in FAMILY_CONVENTIONS:
+        raise ValueError(f"unknown policy family {model_type!r}: grto knows how {', '.join(sorted(FAMILY_CONVENTIONS))} "
+                         f"write coordinates; for another model set policy.coord_convention to one of "
+                         f"{', '.join(COORD_CONVENTIONS)} (absolute: pixels of the processor-resized image; "
+                         f"relative1000: 0..1000 of the image)")
+    return FAMILY_CONVENTIONS[model_type]
+
+
+def pixel_limits(processor) -> dict[str, int | None]:
+    """The processor's bounds on an image's resized area, in pixels (None where it has none)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
+    return {"min_pixels": getattr(image_processor, "min_pixels", None) or get("shortest_edge"),
+            "max_pixels": getattr(image_processor, "max_pixels", None) or get("longest_edge")}
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:

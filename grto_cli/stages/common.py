@@ -194,10 +194,16 @@ class PolicyParams:
     trust_remote_code: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    # Bounds on an image's area after the processor's resize (Qwen: one visual token per 28x28
+    # pixels); null keeps the checkpoint's processor config (Qwen2.5-VL: up to ~16k tokens).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def validate(self) -> None:
         check_choice("coord_convention", self.coord_convention, (None, *COORD_CONVENTIONS))
         check_choice("dtype", self.dtype, DTYPES)
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"policy.min_pixels ({self.min_pixels}) > policy.max_pixels ({self.max_pixels})")
 
 
 def policy_params(params_path: str | Path | None, overrides: list[str] | None = None) -> PolicyParams:

@@ -34,7 +34,8 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> P
     paths = system_paths(cfg.checkpoint)
     # On the CPU (no accelerator needed to export); the policy section's dtype (bfloat16 for 7B) is kept.
     policy, tool = load_system(paths, pol_cfg.prompt_template, "cpu", pick_dtype(pol_cfg.dtype, "cpu"),
-                               pol_cfg.trust_remote_code, pol_cfg.coord_convention)
+                               pol_cfg.trust_remote_code, pol_cfg.coord_convention,
+                               min_pixels=pol_cfg.min_pixels, max_pixels=pol_cfg.max_pixels)
     run_record = Path(cfg.checkpoint) / "run.json"
     provenance = {
         "checkpoint": cfg.checkpoint,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from grto_cli.core.checkpoint import SystemPaths, load_system
 from grto_cli.core.policy import Policy
 from grto_cli.core.tool import EmbeddingCache, SamTool
-from grto_cli.stages.common import PolicyParams, ToolParams, pick_device, pick_dtype
+from grto_cli.stages.common import ConfigError, PolicyParams, ToolParams, pick_device, pick_dtype
 
 
 def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams) -> tuple[Policy, SamTool]:
@@ -13,5 +13,8 @@ def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams) -
     and embedding cache as the ``tool`` section asks."""
     device = pick_device(pol.device)
     cache = EmbeddingCache(max_bytes=tool.cache_bytes, disk_dir=tool.cache_dir)
-    return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,
-                       pol.coord_convention, cache, tool.encode_batch)
+    try:
+        return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,
+                           pol.coord_convention, cache, tool.encode_batch, pol.min_pixels, pol.max_pixels)
+    except ValueError as exc:  # e.g. an unknown model family without policy.coord_convention
+        raise ConfigError(str(exc)) from None

@@ -60,7 +60,8 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
     change what is trained, and the contents of every input. Never output paths or cadences."""
     return {"algorithm": asdict(cfg.rl),
             "policy": {"prompt_template": pol.prompt_template, "require_think": pol.require_think,
-                       "coord_convention": pol.coord_convention,
+                       "coord_convention": pol.coord_convention, "min_pixels": pol.min_pixels,
+                       "max_pixels": pol.max_pixels,
                        "dtype": pick_dtype(pol.dtype, pick_device(pol.device))},
             "inputs": {name: input_fingerprint(p) for name, p in inputs.items()}}
 

@@ -114,3 +114,19 @@ def test_params_are_typed_by_the_stage_config(tmp_path):
     # the CLI turns it into one line and exit code 2, before anything loads
     result = CliRunner().invoke(app, ["train", "--params", str(params), "--set", "train.steps=abc"])
     assert result.exit_code == 2 and "train.steps: expected int" in result.output
+
+
+def test_each_process_takes_its_share_of_the_cpu(monkeypatch):
+    """OMP_NUM_THREADS (set per process by launchers) wins over the core count; unset, every core
+    this process may run on; nonsense falls back to the cores."""
+    import os
+
+    from grto_cli.stages.common import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    for unset in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert cpu_threads() == len(os.sched_getaffinity(0)) >= 1

@@ -245,11 +245,22 @@ def pick_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def cpu_threads() -> int:
+    """This process's share of the CPU: ``OMP_NUM_THREADS`` when set (a launcher such as
+    ``accelerate launch`` sets it per process), else every core the process may run on."""
+    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(available))
+
+
 def set_threads() -> None:
-    """Use every core on CPU, deterministically (no oversubscription from nested pools)."""
+    """Torch's intra-op threads: this process's share of the CPU (two trainings side by side that
+    each took every core ran 10x slower each on the 2-core machine)."""
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cpu_threads())
 
 
 def quiet_transformers() -> None:

@@ -1,0 +1,77 @@
+"""The benchmarks run end to end. Only exit codes and the shape of their output are checked, never
+how long anything took: wall-clock numbers depend on the machine and what else runs on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_SIZE_STEP = ROOT / "benchmarks" / "real_size_step.py"
+PARTS = ("generation", "sam_encode", "sam_decode", "reference", "policy_forward", "policy_backward",
+         "policy_optimizer", "tool_step")
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run([sys.executable, str(REAL_SIZE_STEP), *args], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-3000:]
+    return json.loads(lines[-1])
+
+
+def _check_parts(result: dict) -> None:
+    assert result["fits"] is True
+    assert set(result["parts"]) == set(PARTS)
+    for part in PARTS:
+        value = result["parts"][part]
+        assert isinstance(value, (int, float)) and value >= 0, (part, value)
+    assert result["total_s"] >= 0
+    assert result["rollouts"] == result["queries"] * result["group_size"]
+    assert result["rollouts_per_second"] > 0
+
+
+@pytest.mark.parametrize("mode, extra", [("lora", ["--gradient-checkpointing"]),
+                                         ("full", ["--no-gradient-checkpointing"])])
+def test_real_size_step_smoke(mode: str, extra: list[str]) -> None:
+    # beta > 0: the reference pass runs too (LoRA: adapters disabled; full: a frozen copy).
+    result = _result(_run("--smoke", "--mode", mode, "--beta", "0.04", *extra, timeout=300))
+    _check_parts(result)
+    assert result["mode"] == mode and result["smoke"] is True
+    assert result["skipped"] == []  # grto with beta > 0: every part ran
+    assert result["completion_tokens"] == 16  # forced length
+    assert result["visual_tokens_per_image"] == 16  # 112 x 112 pixels: (112 / 28)^2
+    assert result["params"]["policy_trainable"] > 0 and result["params"]["sam_trainable"] > 0
+    if mode == "full":
+        assert result["policy_dtype"] == "float32"  # grto refuses AdamW on half-precision weights
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_real_size_step_needs_cuda_without_smoke() -> None:
+    proc = _run("--size", "3b", timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_size_step_3b_lora_on_gpu() -> None:
+    result = _result(_run("--size", "3b", "--mode", "lora", "--queries", "1", "--group-size", "2", timeout=1200))
+    _check_parts(result)
+    assert result["visual_tokens_per_image"] == 400 and result["completion_tokens"] == 512
+    assert result["params"]["policy"] > 3e9  # the real 3B architecture, not the smoke one
+    for part in PARTS:
+        if part not in result["skipped"]:
+            assert result["peak_gpu_mem_gib"][part] > 0, part
+    assert result["peak_gpu_mem_gib_step"] > 0

@@ -62,7 +62,8 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
     """Load a VLM and its processor by local path or hub id (offline: the hub cache only).
 
     ``min_pixels`` / ``max_pixels`` bound the pixels of each image after the processor's resize, and
-    so its visual tokens (Qwen: one per 28x28 pixels); None keeps the checkpoint's own values. They
+    so its visual tokens (one per merged patch: 28x28 pixels for Qwen2/2.5-VL, 32x32 for Qwen3-VL);
+    None keeps the checkpoint's own values. They
     go into the processor's config, so a system saved from this policy resizes images the same way.
     """
     local = Path(path)
@@ -72,8 +73,8 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
                                 f"directory: config.json, model weights, tokenizer and processor files, or a "
                                 f"LoRA adapter directory with adapter_config.json)")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code, **pixels)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    bound_pixels(processor, min_pixels, max_pixels)
     processor.tokenizer.padding_side = "left"  # generation and batched log-probs both need left padding
     if is_adapter:
         model = _load_lora_merged(local, torch_dtype, trust_remote_code)
@@ -97,6 +98,23 @@ def family_convention(model_type: str, explicit: str | None = None) -> str:
                          f"{', '.join(COORD_CONVENTIONS)} (absolute: pixels of the processor-resized image; "
                          f"relative1000: 0..1000 of the image)")
     return FAMILY_CONVENTIONS[model_type]
+
+
+def bound_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set the image processor's bounds on a resized image's area (its ``size`` shortest / longest
+    edge, which Qwen's processors read as min / max pixels; the ``min_pixels`` / ``max_pixels``
+    attributes too where a processor still has them set, as transformers 4.x's read them first)."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = {k: v for k, v in dict(image_processor.size or {}).items() if v is not None}
+    for key, attr, value in (("shortest_edge", "min_pixels", min_pixels), ("longest_edge", "max_pixels", max_pixels)):
+        if value is None:
+            continue
+        size[key] = value
+        if getattr(image_processor, attr, None) is not None:
+            setattr(image_processor, attr, value)
+    image_processor.size = size
 
 
 def pixel_limits(processor) -> dict[str, int | None]:

@@ -123,7 +123,7 @@ def coordinate_tokens(tokenizer) -> dict[bool, tuple[torch.Tensor, torch.Tensor]
     """Token ids that spell a whole coordinate, by whether they carry a leading space (byte-level
     BPE's "Ġ"): {space: (ids, values)}. "012", "²" and fragments are not coordinates."""
     groups: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
-    for token, i in tokenizer.get_vocab().items():
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):  # by id: a fixed order
         space = token.startswith("Ġ")
         core = token[1:] if space else token
         if core.isascii() and core.isdigit() and (core == "0" or not core.startswith("0")):

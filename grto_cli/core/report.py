@@ -209,7 +209,7 @@ def plot_run_curves(metrics_dir: str | Path, path: str | Path, title: str, ncols
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title above the panels
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

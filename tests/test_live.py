@@ -43,3 +43,22 @@ def test_no_curves_no_png(tmp_path):
     from grto_cli.core.report import plot_run_curves
 
     assert plot_run_curves(tmp_path, tmp_path / "x.png", "t") == [] and not (tmp_path / "x.png").exists()
+
+
+def test_curves_log_in_a_git_repository_without_commits(tmp_path, monkeypatch):
+    """A project `grto init` has just made has a git repository and no commit yet: dvclive's own
+    git probe raises there ("Empty git repo"); the step logger must not."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    with StepLogger("results/train") as log:
+        log.log(0, {"val/giou": 1.0})
+    assert _rows(tmp_path / "results/train", "val/giou") == ["0\t1.0"]

@@ -27,6 +27,12 @@ class StepLogger:
     def __init__(self, directory: str | Path, resume_step: int | None = None, title: str | None = None):
         from dvclive import Live
 
+        class CurvesOnly(Live):
+            def _init_dvc(self) -> None:
+                """No git or DVC probing: grto's own dvc.yaml declares the plots and no experiment is
+                saved, and dvclive's probe raises in a git repository without commits (a project
+                `grto init` has just made)."""
+
         self.directory = Path(directory)
         self.title = title or str(directory)
         resume = resume_step is not None
@@ -35,7 +41,7 @@ class StepLogger:
 
         # dvcyaml=None / save_dvc_exp=False: the pipeline's own dvc.yaml declares the plots, and
         # nothing may create git refs or experiments behind `dvc repro`'s back.
-        self.live = Live(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = CurvesOnly(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
     def log(self, step: int, metrics: dict) -> None:
         self.live.step = step

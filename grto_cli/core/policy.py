@@ -63,8 +63,8 @@ def load_policy(path: str | Path, prompt_template: str = DEFAULT_TEMPLATE, devic
 
     ``min_pixels`` / ``max_pixels`` bound the pixels of each image after the processor's resize, and
     so its visual tokens (one per merged patch: 28x28 pixels for Qwen2/2.5-VL, 32x32 for Qwen3-VL);
-    None keeps the checkpoint's own values. They
-    go into the processor's config, so a system saved from this policy resizes images the same way.
+    None keeps the checkpoint's own values. They go into the processor's config, so a system saved
+    from this policy resizes images the same way.
     """
     local = Path(path)
     is_adapter = (local / "adapter_config.json").is_file()

@@ -69,11 +69,10 @@ _PROJECTS = tempfile.TemporaryDirectory(prefix="grto-projects-")
 @lru_cache(maxsize=None)
 def project(setting: str) -> Path:
     """A project `grto init --setting <setting>` would write (files + `dvc init`; git is not needed)."""
-    from dvc.repo import Repo
-
     root = Path(_PROJECTS.name) / setting
     write_project(root, setting)
-    Repo.init(str(root), no_scm=True).close()
+    # In a subprocess: in-process, DVC's logger may still hold a stream an earlier test's capture closed.
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=root, check=True)
     return root
 
 

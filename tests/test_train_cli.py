@@ -171,3 +171,14 @@ def test_predict_on_exported_bundle_reproduces_evaluate(project):
         predicted = np.asarray(Image.open(out)) > 127
         assert np.array_equal(predicted, decode_rle(row["mask"])), row["id"]
         assert out.with_name(out.stem + ".overlay.png").is_file()
+
+
+def test_a_refused_configuration_is_one_clear_error(project):
+    """Full fine-tuning of bfloat16 weights is refused by the trainer: the command says why and
+    what to do, in one line with exit code 2, not a traceback."""
+    r = _cli(["train", "--method", "grpo", "--set", "policy.dtype=bfloat16", "--set", "train.steps=1",
+              "--out", "models/refused", *TRAIN_SMALL], project)
+    said = " ".join(r.output.split())  # the console wraps long lines
+    assert r.exit_code == 2, r.output
+    assert "bfloat16" in said and "policy.dtype: float32" in said and "Traceback" not in said
+    assert not (project / "models/refused").exists()

@@ -18,7 +18,7 @@ from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import MemoryParams, RLConfig, Schedule, Trainer
-from grto_cli.stages.common import (FLAT, PolicyParams, console, pick_device, pick_dtype, policy_params,
+from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, pick_device, pick_dtype, policy_params,
                                     progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
                                     tool_params, training_records, write_run_record)
 from grto_cli.stages.live import StepLogger
@@ -83,7 +83,10 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     if moved:
         console.print(f"--fresh: the earlier checkpoints of this configuration were moved to {moved}")
     policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
-    trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think, cfg.memory)
+    try:
+        trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think, cfg.memory)
+    except ValueError as exc:  # a configuration the trainer refuses (e.g. AdamW on bf16 weights)
+        raise ConfigError(str(exc)) from None
 
     resume_step = run_dir.resume_step()
     console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +

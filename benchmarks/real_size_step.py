@@ -32,8 +32,8 @@ Timed parts (CUDA synchronised around each one; seconds are wall clock of one st
 - generation: ``encode_prompts`` (processor: resize + patchify + tokenise) + ``repeat_prompts``
   + ``generate`` of B x G completions (eval mode, KV cache), as ``rollout.sample_completions``
 - sam_encode: ``SamTool.embed`` of the B images (ViT-H under bf16 autocast), once per image
-- sam_decode: per image, ``SamTool.decode`` of its G calls (no grad) + ``compute_rewards``, then
-  ``group_advantages``, as ``rollout.rollout_group`` / ``Trainer.step``
+- sam_decode: ``rollout.score_groups`` (per image, ``SamTool.decode`` of its G calls, no grad, +
+  ``compute_rewards``), then ``group_advantages``, as ``rollout.rollout_group`` / ``Trainer.step``
 - reference: ``Trainer.reference_logprobs`` (no-grad forward per micro-batch; LoRA: adapters
   disabled; full: a frozen copy); 0 and listed in ``skipped`` when beta == 0 (no pass at all)
 - policy_forward: per micro-batch, ``Trainer.logprobs`` with grad + ``policy_loss``
@@ -358,8 +358,7 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
         repeat_prompts,
         sampling_config,
     )
-    from grto_cli.core.rewards import compute_rewards
-    from grto_cli.core.rollout import RolloutBatch, concat_rewards
+    from grto_cli.core.rollout import RolloutBatch, score_groups
     from grto_cli.core.trainer import SUMMED_STATS
 
     policy, tool, cfg = trainer.policy, trainer.tool, trainer.cfg
@@ -380,17 +379,13 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
     with parts.measure("sam_encode"):  # new keys every step: the encoder runs, as on a first visit
         embeddings = tool.embed(images, [f"{r.image}" for r in records])
 
-    with parts.measure("sam_decode"):  # rollout.rollout_group's reward loop, then Trainer.step's advantages
+    with parts.measure("sam_decode"):  # rollout.score_groups as rollout_group calls it, then Trainer.step's
+        # advantages
         target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
-        rewards = []
-        with torch.no_grad():
-            for i, record in enumerate(records):
-                group = parsed[i * G:(i + 1) * G]
-                logits = tool.decode(embeddings[i:i + 1], [p.call for p in group], images[i].shape[:2])
-                rewards.append(compute_rewards(group, logits > 0, target_tensors[i], record.bbox, cfg.rewards))
+        rewards = score_groups(tool, embeddings, records, images, target_tensors, parsed, G, cfg.rewards)
         batch = RolloutBatch(records=records, group_size=G, prompts=prompts, completion_ids=completion_ids,
                              completion_mask=mask, texts=[""] * len(parsed), parsed=parsed,
-                             rewards=concat_rewards(rewards), embeddings=embeddings, targets=target_tensors)
+                             rewards=rewards, embeddings=embeddings, targets=target_tensors)
         advantages, _ = group_advantages(batch.rewards.total, G, cfg.scale_by_std)
 
     # Trainer.policy_update with mu = 1 (the sampling log-probs are the first epoch's own, detached).

@@ -22,9 +22,10 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from grto_cli.core.answer import ANSWER_RE, format_answer, parse_answer
-from grto_cli.core.policy import (FAMILY_CONVENTIONS, completion_logprobs, completion_mask, encode_prompts,
-                                  load_policy, repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.policy import (FAMILY_CONVENTIONS, completion_logprobs, encode_prompts, load_policy,
+                                  repeat_prompts, resized_sizes)
 from grto_cli.core.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
+from test_policy import sample_with_scores
 
 PATCH = 8  # vision patch; with merge_size 2 the processor resizes to multiples of 16 pixels
 HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 4, 2, 2
@@ -185,15 +186,8 @@ def test_recomputed_logprobs_match_sampling_logits(family_dirs, family, favour_i
     single = batch
     batch = repeat_prompts(single, 3)
     temperature = 0.7
-    torch.manual_seed(0)
-    cfg = sampling_config(policy, 10, temperature=temperature)
-    cfg.output_scores, cfg.return_dict_in_generate = True, True
-    out = policy.model.generate(**batch, generation_config=cfg)
-    completion = out.sequences[:, batch["input_ids"].shape[1]:]
-    mask = completion_mask(completion, policy.eos_token_id)
+    completion, mask, sampled, expected = sample_with_scores(policy, batch, temperature)
     assert (mask == 0).any(), "no rollout ended early: the post-EOS path goes unchecked"
-    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-    expected = sampled.gather(-1, completion[..., None]).squeeze(-1) * mask
     assert torch.isinf(sampled[..., list(policy.suppressed_ids)]).all()
     assert not torch.isin(completion, torch.tensor(policy.suppressed_ids)).any()
     with torch.no_grad():

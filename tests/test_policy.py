@@ -21,6 +21,20 @@ def _images(n):
     return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def sample_with_scores(policy, batch: dict, temperature: float, max_new_tokens: int = 10):
+    """Sample completions of ``batch`` (seed 0) and keep the scores ``generate`` sampled from, after
+    every logits processor (suppressed tokens, temperature): (completion, mask, the log-softmax of
+    those scores (B, L, V), and its value at each sampled token (B, L), masked)."""
+    torch.manual_seed(0)
+    cfg = sampling_config(policy, max_new_tokens, temperature=temperature)
+    cfg.output_scores, cfg.return_dict_in_generate = True, True
+    out = policy.model.generate(**batch, generation_config=cfg)
+    completion = out.sequences[:, batch["input_ids"].shape[1]:]
+    mask = completion_mask(completion, policy.eos_token_id)
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    return completion, mask, sampled, sampled.gather(-1, completion[..., None]).squeeze(-1) * mask
+
+
 @pytest.mark.parametrize("favour_image_token", [False, True])
 def test_recomputed_logprobs_match_sampling_logits(tiny_system, favour_image_token):
     """Left-padded prompts of different lengths, repeated per rollout, temperature != 1: the
@@ -35,15 +49,7 @@ def test_recomputed_logprobs_match_sampling_logits(tiny_system, favour_image_tok
     assert (batch["attention_mask"][:, 0] == 0).any()  # really left-padded
     batch = repeat_prompts(batch, 3)
     temperature = 0.7
-    torch.manual_seed(0)
-    cfg = sampling_config(policy, 10, temperature=temperature)
-    # The scores generate sampled from: after every logits processor (suppressed tokens, temperature).
-    cfg.output_scores, cfg.return_dict_in_generate = True, True
-    out = policy.model.generate(**batch, generation_config=cfg)
-    completion = out.sequences[:, batch["input_ids"].shape[1]:]
-    mask = completion_mask(completion, policy.eos_token_id)
-    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-    expected = sampled.gather(-1, completion[..., None]).squeeze(-1) * mask
+    completion, mask, sampled, expected = sample_with_scores(policy, batch, temperature)
     assert policy.suppressed_ids and torch.isinf(sampled[..., list(policy.suppressed_ids)]).all()
     with torch.no_grad():
         got = completion_logprobs(policy.model, batch, completion, mask, temperature, policy.suppressed_ids)

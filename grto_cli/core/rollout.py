@@ -77,15 +77,23 @@ def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], imag
         policy, images, [r.query for r in records], sampling, require_think)
     embeddings = tool.embed(images, image_keys)
     target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
-    rewards = []
-    with torch.no_grad():
-        for i, record in enumerate(records):
-            group = parsed[i * G:(i + 1) * G]
-            logits = tool.decode(embeddings[i:i + 1], [p.call for p in group], images[i].shape[:2])
-            rewards.append(compute_rewards(group, logits > 0, target_tensors[i], record.bbox, weights))
+    rewards = score_groups(tool, embeddings, records, images, target_tensors, parsed, G, weights)
     return RolloutBatch(records=list(records), group_size=G, prompts=prompts, completion_ids=completion_ids,
-                        completion_mask=mask, texts=texts, parsed=parsed, rewards=concat_rewards(rewards),
+                        completion_mask=mask, texts=texts, parsed=parsed, rewards=rewards,
                         embeddings=embeddings, targets=target_tensors)
+
+
+@torch.no_grad()
+def score_groups(tool: SamTool, embeddings: torch.Tensor, records: Sequence[Record], images: Sequence[np.ndarray],
+                 targets: Sequence[torch.Tensor], parsed: Sequence[ParsedAnswer], group_size: int,
+                 weights: RewardWeights) -> RewardBreakdown:
+    """Each query's G parsed calls decoded on its image's embedding and scored against its target."""
+    rewards = []
+    for i, record in enumerate(records):
+        group = parsed[i * group_size:(i + 1) * group_size]
+        logits = tool.decode(embeddings[i:i + 1], [p.call for p in group], images[i].shape[:2])
+        rewards.append(compute_rewards(group, logits > 0, targets[i], record.bbox, weights))
+    return concat_rewards(rewards)
 
 
 def concat_rewards(parts: Sequence[RewardBreakdown]) -> RewardBreakdown:

@@ -13,16 +13,12 @@ from grto_cli.core.project import SETTINGS, write_project
 from grto_cli.stages.common import ConfigError, console, summary_table
 
 
-def _inside_git(root: Path) -> bool:
+def _git_root(root: Path) -> Path | None:
+    """The top of the git work tree ``root`` is in; None outside one (or without git)."""
     if shutil.which("git") is None:
-        return False
-    proc = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
-    return proc.returncode == 0
-
-
-def _git_toplevel(root: Path) -> Path:
-    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip()).resolve()
+        return None
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
 
 
 def _inside_dvc(root: Path) -> bool:
@@ -44,20 +40,22 @@ def run(directory: str, setting: str, force: bool = False) -> dict[str, str]:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"init: {root} exists and is not a folder")
     done = write_project(root, setting, force=force)
-    if not _inside_git(root):
+    git_root = _git_root(root)
+    if git_root is None:
         if shutil.which("git") is None:
             done["git"] = "not installed: no repository made"
         else:
             _call(["git", "init", "-q"], root)
             done["git"] = "git init"
+            git_root = root
     if (root / ".dvc").is_dir():
         done["dvc"] = "already a DVC project"
     else:
         # Inside another DVC project (or below a git root), a nested project keeps its own status:
         # `dvc status` of the outer one never lists this one's stages.
-        nested = _inside_dvc(root) or (_inside_git(root) and _git_toplevel(root) != root)
+        nested = _inside_dvc(root) or (git_root is not None and git_root != root)
         cmd = [sys.executable, "-m", "dvc", "init", "-q"] + (["--subdir"] if nested else [])
-        if not _inside_git(root):
+        if git_root is None:
             cmd.append("--no-scm")
         _call(cmd, root)
         done["dvc"] = " ".join(["dvc init"] + cmd[5:])

@@ -359,6 +359,7 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
         sampling_config,
     )
     from grto_cli.core.rollout import RolloutBatch, score_groups
+    from grto_cli.core.sampling import GumbelSampler, rollout_key, row_keys
     from grto_cli.core.trainer import SUMMED_STATS
 
     policy, tool, cfg = trainer.policy, trainer.tool, trainer.cfg
@@ -369,11 +370,13 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
     with parts.measure("generation"):  # rollout.sample_completions, less decode + parse
         prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], [r.query for r in records])
         prompts = repeat_prompts(prompts, G)
-        gen_cfg = sampling_config(policy, cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
+        gen_cfg = sampling_config(policy, cfg.sampling.max_new_tokens)
         gen_cfg.min_new_tokens = cfg.sampling.max_new_tokens  # every completion has the full length
+        keys = row_keys([rollout_key(cfg.seed, step, g) for g in range(len(records))], G)
+        sampler = GumbelSampler(keys, cfg.sampling.temperature, prompts["input_ids"].shape[1])
         was_training = policy.model.training
         policy.model.eval()
-        completion_ids, mask = generate(policy, prompts, gen_cfg)
+        completion_ids, mask = generate(policy, prompts, gen_cfg, sampler)
         policy.model.train(was_training)
 
     with parts.measure("sam_encode"):  # new keys every step: the encoder runs, as on a first visit

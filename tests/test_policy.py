@@ -6,6 +6,8 @@ from PIL import Image
 from grto_cli.core.answer import format_answer, parse_answer
 from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, generate, load_policy,
                                   repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.sampling import GumbelSampler, row_keys
+from transformers import LogitsProcessorList
 
 
 def test_completion_mask_stops_after_first_eos_even_when_pad_is_eos():
@@ -22,16 +24,18 @@ def _images(n):
 
 
 def sample_with_scores(policy, batch: dict, temperature: float, max_new_tokens: int = 10):
-    """Sample completions of ``batch`` (seed 0) and keep the scores ``generate`` sampled from, after
-    every logits processor (suppressed tokens, temperature): (completion, mask, the log-softmax of
-    those scores (B, L, V), and its value at each sampled token (B, L), masked)."""
-    torch.manual_seed(0)
-    cfg = sampling_config(policy, max_new_tokens, temperature=temperature)
+    """Sample completions of ``batch`` (row keys 0..B-1) and recover the scores the sampler drew
+    from: the processed scores ``generate`` returns less the sampler's Gumbel noise, i.e. the
+    logits after every other processor (suppressed tokens) and the temperature. Returns
+    (completion, mask, their log-softmax (B, L, V), its value at each sampled token (B, L), masked)."""
+    cfg = sampling_config(policy, max_new_tokens)
     cfg.output_scores, cfg.return_dict_in_generate = True, True
-    out = policy.model.generate(**batch, generation_config=cfg)
+    sampler = GumbelSampler(row_keys(range(batch["input_ids"].shape[0]), 1), temperature, batch["input_ids"].shape[1])
+    out = policy.model.generate(**batch, generation_config=cfg, logits_processor=LogitsProcessorList([sampler]))
     completion = out.sequences[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)
-    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    scores = [s.float() - sampler.noise(t, s.shape[-1], s.device) for t, s in enumerate(out.scores)]
+    sampled = torch.stack([torch.log_softmax(s, -1) for s in scores], 1)
     return completion, mask, sampled, sampled.gather(-1, completion[..., None]).squeeze(-1) * mask
 
 
@@ -70,12 +74,20 @@ def test_repeat_prompts_repeats_each_images_patch_block(tiny_system):
     assert torch.equal(rep["input_ids"][1], batch["input_ids"][0])
 
 
-def test_sampling_config_ignores_checkpoint_defaults(tiny_system):
+def test_checkpoint_generation_defaults_cannot_change_sampling(tiny_system):
+    """Qwen2.5-VL-7B-Instruct ships top_k=1 and repetition_penalty 1.05 in its generation_config:
+    with them in the checkpoint's config, sampling must draw the very same completions."""
     policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
-    policy.model.generation_config.top_k = 50
-    policy.model.generation_config.repetition_penalty = 1.3
-    cfg = sampling_config(policy, 8, temperature=1.0)
-    assert cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.repetition_penalty == 1.0
+    batch = repeat_prompts(encode_prompts(policy, _images(2), ["the red circle", "the blue square"]), 4)
+    sampler = GumbelSampler(row_keys([3, 4], 4), 1.0, batch["input_ids"].shape[1])
+    plain, _ = generate(policy, batch, sampling_config(policy, 12), sampler)
+    assert len({tuple(row) for row in plain.tolist()}) > 1  # really sampled, not one greedy answer
+    policy.model.generation_config.top_k = 1
+    policy.model.generation_config.repetition_penalty = 1.05
+    policy.model.generation_config.do_sample = True
+    policy.model.generation_config.temperature = 0.1
+    again, _ = generate(policy, batch, sampling_config(policy, 12), sampler)
+    assert torch.equal(plain, again)
 
 
 def test_resized_sizes_are_what_the_processor_made_of_a_non_square_image(tiny_system):
@@ -125,8 +137,8 @@ def test_logprobs_never_build_logits_longer_than_a_completion_chunk(tiny_system)
     policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
     model = policy.model
     batch = repeat_prompts(encode_prompts(policy, _images(2), ["the red circle", "the blue square"]), 2)
-    torch.manual_seed(0)
-    completion, _ = generate(policy, batch, sampling_config(policy, 12, temperature=1.0))
+    sampler = GumbelSampler(row_keys([0, 1], 2), 1.0, batch["input_ids"].shape[1])
+    completion, _ = generate(policy, batch, sampling_config(policy, 12), sampler)
     mask = completion_mask(completion, policy.eos_token_id)
     shapes: list[tuple] = []
     hook = model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))

@@ -16,10 +16,12 @@ from grto_cli.core.answer import ToolCall
 from grto_cli.core.config import check_choice
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
+from grto_cli.core.distributed import Processes
 from grto_cli.core.grto import freeze_image_encoder, tool_loss, tool_optimizer
 from grto_cli.core.metrics import TOOL_LOSS, TOOL_VALID_ROLLOUTS
 from grto_cli.core.policy import Policy
 from grto_cli.core.rollout import SamplingParams, sample_completions
+from grto_cli.core.sampling import rollout_key
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
 
@@ -39,21 +41,32 @@ class BootstrapConfig:
         check_choice("loss", self.loss, SEG_LOSSES)
 
 
-def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg: BootstrapConfig,
-                     require_think: bool = False) -> Iterator[dict]:
-    """Sample K answers per query from the frozen policy. Yields one cache row per query: its
-    completions, their parse statuses and their calls (``ToolCall.to_dict`` or None)."""
+def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg: BootstrapConfig, seed: int,
+                     require_think: bool = False, processes: Processes | None = None) -> Iterator[dict]:
+    """Sample K answers per query from the frozen policy. Yields one cache row per query, in record
+    order: its completions, their parse statuses and their calls (``ToolCall.to_dict`` or None).
+    Query i's noise is keyed by (seed, i), so the cache is the same however the generation batches
+    are spread over processes (each process generates every world_size-th batch)."""
+    processes = processes or Processes()
     sampling = SamplingParams(group_size=cfg.rollouts_per_query, temperature=cfg.temperature,
                               max_new_tokens=cfg.max_new_tokens)
-    K = cfg.rollouts_per_query
-    for start in range(0, len(records), cfg.generation_batch):
-        chunk = records[start:start + cfg.generation_batch]
+    K, size = cfg.rollouts_per_query, cfg.generation_batch
+
+    def batch(k: int) -> list[dict]:
+        chunk = records[k * size:(k + 1) * size]
         images = [load_rgb(r.image_path(root)) for r in chunk]
-        _, _, _, texts, parsed = sample_completions(policy, images, [r.query for r in chunk], sampling, require_think)
+        keys = [rollout_key(seed, k * size + i) for i in range(len(chunk))]
+        _, _, _, texts, parsed = sample_completions(policy, images, [r.query for r in chunk], sampling, keys,
+                                                    require_think)
+        rows = []
         for i, r in enumerate(chunk):
             group = parsed[i * K:(i + 1) * K]
-            yield {"id": r.id, "completions": texts[i * K:(i + 1) * K], "status": [p.status for p in group],
-                   "calls": [p.call.to_dict() if p.call else None for p in group]}
+            rows.append({"id": r.id, "completions": texts[i * K:(i + 1) * K], "status": [p.status for p in group],
+                         "calls": [p.call.to_dict() if p.call else None for p in group]})
+        return rows
+
+    for rows in processes.in_order(-(-len(records) // size), batch):
+        yield from rows
 
 
 def train_tool_on_cache(tool: SamTool, cache: list[dict], records: dict[str, Record], root: Path,

@@ -36,6 +36,15 @@ def tool_loss(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[
 
     Unparsable calls (None) have no mask to train and are left out of the mean, not counted as zero.
     """
+    total, weight, n_valid = tool_loss_terms(tool, embeddings, calls, targets, kind, weights)
+    return total / max(weight, 1e-8), n_valid
+
+
+def tool_loss_terms(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[ToolCall | None]],
+                    targets: Sequence[torch.Tensor], kind: str = "dice_bce",
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
+    """``tool_loss`` before its division: (weighted loss sum, weight sum, n_valid), so processes
+    holding parts of one batch can share a single normaliser."""
     losses, w = [], []
     offset = 0
     for i, image_calls in enumerate(calls):
@@ -47,9 +56,9 @@ def tool_loss(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[
             w.append(weights[[offset + j for j in valid]] if weights is not None else torch.ones(len(valid)))
         offset += len(image_calls)
     if not losses:
-        return torch.zeros((), device=embeddings.device, requires_grad=True), 0
+        return torch.zeros((), device=embeddings.device, requires_grad=True), 0.0, 0
     loss, weight = torch.cat(losses), torch.cat(w).to(embeddings.device)
-    return (loss * weight).sum() / weight.sum().clamp_min(1e-8), int(len(loss))
+    return (loss * weight).sum(), float(weight.sum()), int(len(loss))
 
 
 def tool_optimizer(tool: SamTool, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

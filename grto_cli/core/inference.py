@@ -14,6 +14,7 @@ from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.masks import interior_point
 from grto_cli.core.data.records import Record
+from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import Policy, decode_completions, encode_prompts, generate, resized_sizes, sampling_config
 from grto_cli.core.tool import SamTool
 
@@ -47,7 +48,7 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
     """Greedy answers and masks for a batch of (image, query) pairs: (text, parsed, probability,
     oracle mask). With ``oracle_calls``, the tool also decodes those prompts on the same embeddings."""
     batch = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
-    completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens, greedy=True))
+    completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens))
     texts = decode_completions(policy, completion_ids)
     out = []
     embeddings = tool.embed(images)
@@ -64,12 +65,20 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
 
 
 def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, batch_size: int,
-                    max_new_tokens: int, require_think: bool = False, oracle: bool = False) -> Iterator[Prediction]:
-    """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt."""
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+                    max_new_tokens: int, require_think: bool = False, oracle: bool = False,
+                    processes: Processes | None = None) -> Iterator[Prediction]:
+    """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt.
+    Over several processes, each predicts every world_size-th batch and every process receives
+    all predictions in order (a batch is the same batch as in one process, so the same answers)."""
+    processes = processes or Processes()
+
+    def batch(k: int) -> list[Prediction]:
+        chunk = records[k * batch_size:(k + 1) * batch_size]
         images = [load_rgb(r.image_path(root)) for r in chunk]
         oracle_calls = [oracle_call(r) for r in chunk] if oracle else None
-        for r, (text, parsed, prob, oracle_mask) in zip(chunk, predict_batch(
-                policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls)):
-            yield Prediction(record=r, completion=text, parsed=parsed, probability=prob, oracle=oracle_mask)
+        return [Prediction(record=r, completion=text, parsed=parsed, probability=prob, oracle=oracle_mask)
+                for r, (text, parsed, prob, oracle_mask) in zip(chunk, predict_batch(
+                    policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls))]
+
+    for predictions in processes.in_order(-(-len(records) // batch_size), batch):
+        yield from predictions

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.utils.checkpoint
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
 
@@ -194,16 +194,13 @@ def repeat_prompts(batch: dict, n: int) -> dict:
     return out
 
 
-def sampling_config(policy: Policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                    greedy: bool = False) -> GenerationConfig:
-    """A generation config built from scratch, so no checkpoint default (top_k=50, a repetition
-    penalty) silently changes the distribution that training log-probs assume."""
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=policy.eos_token_id,
-                  pad_token_id=policy.pad_token_id, repetition_penalty=1.0,
-                  suppress_tokens=list(policy.suppressed_ids) or None)
-    if greedy:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+def sampling_config(policy: Policy, max_new_tokens: int) -> GenerationConfig:
+    """The generation config of every ``generate`` call: greedy decoding built from scratch, so no
+    checkpoint default (top_k, a repetition penalty) changes the distribution that training
+    log-probs assume. Sampling is greedy decoding of noised scores (``sampling.GumbelSampler``)."""
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=policy.eos_token_id,
+                            pad_token_id=policy.pad_token_id, repetition_penalty=1.0,
+                            suppress_tokens=list(policy.suppressed_ids) or None)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -220,9 +217,12 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
 
 
 @torch.no_grad()
-def generate(policy: Policy, batch: dict, config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample completions for an already-expanded prompt batch: (completion_ids, completion_mask)."""
-    out = policy.model.generate(**batch, generation_config=config)
+def generate(policy: Policy, batch: dict, config: GenerationConfig,
+             sampler: LogitsProcessor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions for an already-expanded prompt batch: (completion_ids, completion_mask); greedy,
+    or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores."""
+    extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
+    out = policy.model.generate(**batch, generation_config=config, **extra)
     completion = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)
     # Tokens after the first EOS are padding by construction; make them the pad id everywhere.

@@ -18,6 +18,7 @@ from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
 from grto_cli.core.policy import (LOGPROB_CHUNK, Policy, completion_logprobs, decode_completions, encode_prompts, generate,
                                   repeat_prompts, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
+from grto_cli.core.sampling import GumbelSampler, row_keys
 from grto_cli.core.tool import SamTool
 
 
@@ -51,17 +52,21 @@ class RolloutBatch:
 
 
 def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Sequence[str],
-                       sampling: SamplingParams, require_think: bool = False
+                       sampling: SamplingParams, keys: Sequence[int], require_think: bool = False
                        ) -> tuple[dict, torch.Tensor, torch.Tensor, list[str], list[ParsedAnswer]]:
-    """G sampled answers per (image, query), parsed into tool calls in original-image pixels."""
+    """G sampled answers per (image, query), parsed into tool calls in original-image pixels.
+    ``keys[i]`` (``sampling.rollout_key`` of the run's seed and the query's place in it) alone
+    decides query i's noise, whatever else is in the batch."""
     G = sampling.group_size
+    if len(keys) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(keys)} rollout keys")
     prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
     sizes = resized_sizes(policy, prompts)
     prompts = repeat_prompts(prompts, G)
-    cfg = sampling_config(policy, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+    sampler = GumbelSampler(row_keys(keys, G), sampling.temperature, prompts["input_ids"].shape[1])
     was_training = policy.model.training
     policy.model.eval()
-    completion_ids, mask = generate(policy, prompts, cfg)
+    completion_ids, mask = generate(policy, prompts, sampling_config(policy, sampling.max_new_tokens), sampler)
     policy.model.train(was_training)
     texts = decode_completions(policy, completion_ids)
     parsed = [parse_answer(t, images[i // G].shape[:2], sizes[i // G], policy.coord_convention, require_think)
@@ -71,10 +76,11 @@ def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Se
 
 def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], images: Sequence[np.ndarray],
                   targets: Sequence[np.ndarray], sampling: SamplingParams, weights: RewardWeights,
-                  require_think: bool = False, image_keys: Sequence[str] | None = None) -> RolloutBatch:
+                  keys: Sequence[int], require_think: bool = False,
+                  image_keys: Sequence[str] | None = None) -> RolloutBatch:
     G = sampling.group_size
     prompts, completion_ids, mask, texts, parsed = sample_completions(
-        policy, images, [r.query for r in records], sampling, require_think)
+        policy, images, [r.query for r in records], sampling, keys, require_think)
     embeddings = tool.embed(images, image_keys)
     target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
     rewards = score_groups(tool, embeddings, records, images, target_tensors, parsed, G, weights)

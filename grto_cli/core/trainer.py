@@ -8,10 +8,18 @@ rollouts each, group-normalised advantages, mu epochs of the clipped surrogate (
 frozen reference when beta > 0) over micro-batches with whole-batch loss normalisation, then one
 tool step on lambda_tool * L_tool. ``fit`` runs the steps, evaluates val, keeps the best-on-val
 system and writes resumable checkpoints into the run's directory (``checkpoint.RunDir``).
+
+Over N processes (``distributed.Processes``) the math is one process's: each takes a contiguous
+block of whole groups from the same global draw, a group's sampling noise is keyed by (seed, step,
+group) alone, the loss normalisers and logged statistics are sums over the global batch, and the
+gradients are summed by DDP (each process's loss is its share of the global loss, times N, since
+DDP averages). Val predictions are spread over the processes and gathered; only the main process
+writes checkpoints and the best system.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +32,9 @@ from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_syst
 from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
+from grto_cli.core.distributed import Processes
 from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advantages, policy_loss
-from grto_cli.core.grto import TOOL_WEIGHTINGS, freeze_image_encoder, rollout_weights, tool_loss, tool_optimizer
+from grto_cli.core.grto import TOOL_WEIGHTINGS, freeze_image_encoder, rollout_weights, tool_loss_terms, tool_optimizer
 from grto_cli.core.inference import predict_records
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
@@ -38,6 +47,7 @@ from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, RO
 from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
+from grto_cli.core.sampling import rollout_key
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
 SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
@@ -112,14 +122,43 @@ class TrainState:
     best_val_giou: float | None = None
     best_step: int | None = None
     resumed_from: int | None = None
+    world_size: int = 1  # processes of the invocation that wrote this state
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """The policy's gradient-carrying log-prob pass as a module, so DDP sees its forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: RolloutBatch, rows: slice, temperature: float, suppressed_ids, chunk: int) -> torch.Tensor:
+        return rollout_logprobs(self.model, batch, rows, temperature, suppressed_ids, chunk)  # (n, L)
+
+
+class ToolLossTerms(torch.nn.Module):
+    """GRTO's tool loss terms (``grto.tool_loss_terms``) as a module, so DDP sees its forward."""
+
+    def __init__(self, tool: SamTool):
+        super().__init__()
+        self.tool, self.sam = tool, tool.sam
+
+    def forward(self, embeddings, calls, targets, kind: str, weights):
+        total, weight, n_valid = tool_loss_terms(self.tool, embeddings, calls, targets, kind, weights)
+        # Every trainable parameter takes part in every backward (with gradient 0 where unused), so
+        # a process whose rollouts hold no valid call still joins DDP's gradient all-reduce.
+        zero = sum(p.sum() for p in self.sam.parameters() if p.requires_grad) * 0.0
+        return total + zero, weight, n_valid
 
 
 class Trainer:
     def __init__(self, cfg: RLConfig, policy: Policy, tool: SamTool, train_records: list[Record],
                  val_records: list[Record], root: Path, require_think: bool = False,
-                 memory: MemoryParams | None = None):
+                 memory: MemoryParams | None = None, processes: Processes | None = None):
         cfg.validate()
         self.cfg, self.policy, self.tool = cfg, policy, tool
+        self.processes = processes or Processes()
+        self.local = self.processes.block(cfg.queries_per_step, "queries per step (train.queries_per_step)")
         self.memory = memory or MemoryParams()
         self.train_records, self.val_records, self.root = train_records, val_records, root
         self.require_think = require_think
@@ -138,6 +177,9 @@ class Trainer:
         self.policy_opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
                                             lr=cfg.policy_lr, weight_decay=0.0)
         self.tool_opt = tool_optimizer(tool, cfg.tool_lr) if self.train_tool else None
+        # The passes whose gradients are summed over processes (the modules themselves when alone).
+        self.policy_pass = self.processes.wrap(PolicyLogprobs(policy.model))
+        self.tool_pass = self.processes.wrap(ToolLossTerms(tool)) if self.train_tool else None
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -205,6 +247,7 @@ class Trainer:
                 metrics.update(self._validate(schedule, run, log))
             if step % schedule.checkpoint_every == 0 or step == schedule.steps:
                 self.save_checkpoint(run.last)
+                self.processes.barrier()  # nobody runs ahead of a checkpoint that may still be written
             progress(step, metrics)
         return self.state
 
@@ -213,28 +256,41 @@ class Trainer:
         log(self.state.step, val)
         if self.state.best_val_giou is None or val[VAL_GIOU] > self.state.best_val_giou:
             self.state.best_val_giou, self.state.best_step = val[VAL_GIOU], self.state.step
-            with atomic_dir(run.best) as tmp:
-                save_system(self.policy, self.tool, tmp)
+            if self.processes.is_main:
+                with atomic_dir(run.best) as tmp:
+                    save_system(self.policy, self.tool, tmp)
         return val
 
     # -- one step ------------------------------------------------------------------------------
 
     def step(self) -> dict:
         step = self.state.step
-        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # sampling noise is a function of (seed, step)
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # any other randomness (dropout) is (seed, step)'s
         batch = self.rollouts(step)
-        rewards = batch.rewards
-        advantages, zero_std = group_advantages(rewards.total, batch.group_size, self.cfg.scale_by_std)  # (N,)
-        metrics = {ROLLOUT_REWARD_MEAN: rewards.total.mean().item(), ROLLOUT_REWARD_STD: rewards.total.std().item(),
-                   ROLLOUT_FORMAT_RATE: rewards.format_ok.float().mean().item(), ROLLOUT_IOU: rewards.iou.mean().item(),
-                   ROLLOUT_ZERO_STD_GROUPS: zero_std,
-                   ROLLOUT_COMPLETION_TOKENS: batch.completion_mask.sum(1).float().mean().item(),
-                   ROLLOUT_BOX_IOU: rewards.box_iou.mean().item(), ROLLOUT_POINT_IN_TARGET: rewards.point.mean().item(),
-                   ROLLOUT_DISTINCT_CALLS: distinct_calls(batch.calls) / len(batch.calls)}
+        advantages, _ = group_advantages(batch.rewards.total, batch.group_size, self.cfg.scale_by_std)  # (n,)
+        metrics = self.rollout_metrics(batch)
         metrics.update(self.policy_update(batch, advantages))
         metrics.update(self.tool_update(batch, advantages))
         self.state.step += 1
         return metrics
+
+    def rollout_metrics(self, batch: RolloutBatch) -> dict:
+        """Rollout statistics of the whole global batch (every process's groups, in order)."""
+        gather = self.processes.gather
+        rewards = batch.rewards
+        total = torch.tensor(gather(rewards.total.tolist()))  # (N,)
+        _, zero_std = group_advantages(total, batch.group_size, self.cfg.scale_by_std)
+        calls = gather(batch.calls)
+
+        def mean(x: torch.Tensor) -> float:
+            return float(np.mean(gather(x.float().tolist())))
+
+        return {ROLLOUT_REWARD_MEAN: total.mean().item(), ROLLOUT_REWARD_STD: total.std().item(),
+                ROLLOUT_FORMAT_RATE: mean(rewards.format_ok), ROLLOUT_IOU: mean(rewards.iou),
+                ROLLOUT_ZERO_STD_GROUPS: zero_std,
+                ROLLOUT_COMPLETION_TOKENS: mean(batch.completion_mask.sum(1)),
+                ROLLOUT_BOX_IOU: mean(rewards.box_iou), ROLLOUT_POINT_IN_TARGET: mean(rewards.point),
+                ROLLOUT_DISTINCT_CALLS: distinct_calls(calls) / len(calls)}
 
     def _batch_records(self, step: int) -> list[Record]:
         rng = np.random.default_rng([self.cfg.seed, step])
@@ -248,10 +304,12 @@ class Trainer:
         return self._cache[r.id]
 
     def rollouts(self, step: int) -> RolloutBatch:
-        records = self._batch_records(step)
+        """This process's groups of the step's global batch; group g's noise is keyed by (seed, step, g)."""
+        records = self._batch_records(step)[self.local]
+        keys = [rollout_key(self.cfg.seed, step, g) for g in range(self.cfg.queries_per_step)][self.local]
         loaded = [self._load(r) for r in records]
         return rollout_group(self.policy, self.tool, records, [im for im, _ in loaded], [m for _, m in loaded],
-                             self.cfg.sampling, self.cfg.rewards, self.require_think,
+                             self.cfg.sampling, self.cfg.rewards, keys, self.require_think,
                              image_keys=[str(r.image_path(self.root)) for r in records])
 
     def logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice) -> torch.Tensor:
@@ -297,38 +355,46 @@ class Trainer:
     def accumulate_policy_gradients(self, batch: RolloutBatch, advantages: torch.Tensor,
                                     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict:
         """One epoch of backward passes over micro-batches: the accumulated gradient is the gradient
-        of the whole-batch loss, whatever ``micro_batch`` is (one normaliser for the whole batch)."""
-        cfg = self.cfg
-        mask = batch.completion_mask  # (N, L)
-        normaliser = batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens)
-        total_tokens = max(float(mask.sum()), 1.0)
+        of the whole-batch loss, whatever ``micro_batch`` is (one normaliser for the whole batch)
+        and whatever the number of processes (the normaliser and token count are global sums)."""
+        cfg, processes = self.cfg, self.processes
+        mask = batch.completion_mask  # (n, L)
+        normaliser = processes.sum(batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens))
+        total_tokens = max(processes.sum(float(mask.sum())), 1.0)
         totals: dict[str, float] = {}
-        for s in range(0, mask.shape[0], cfg.micro_batch):
+        starts = range(0, mask.shape[0], cfg.micro_batch)
+        for k, s in enumerate(starts):
             rows = slice(s, s + cfg.micro_batch)
-            logp = self.logprobs(self.policy.model, batch, rows)  # (n, L)
-            old = old_logp[rows] if old_logp is not None else logp.detach()
-            out = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
-                              ref_logp[rows] if ref_logp is not None else None, cfg.beta,
-                              cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
-            out.loss.backward()
+            # Gradients are summed over processes once, after the last micro-batch's backward.
+            sync = k == len(starts) - 1
+            with contextlib.nullcontext() if sync else processes.no_sync(self.policy_pass):
+                logp = self.policy_pass(batch, rows, cfg.sampling.temperature, self.policy.suppressed_ids,
+                                        self.memory.logprob_chunk)  # (n, L)
+                old = old_logp[rows] if old_logp is not None else logp.detach()
+                out = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
+                                  ref_logp[rows] if ref_logp is not None else None, cfg.beta,
+                                  cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
+                (out.loss * processes.world_size).backward()  # DDP averages over processes; the loss is a share
             # Losses are already this micro-batch's share of the whole-batch loss, so they add up;
             # per-token means are weighted by the micro-batch's share of tokens.
             share = float(mask[rows].sum()) / total_tokens
-            for k, v in out.stats.items():
-                totals[k] = totals.get(k, 0.0) + (v if k in SUMMED_STATS else v * share)
-        return totals
+            for k_, v in out.stats.items():
+                totals[k_] = totals.get(k_, 0.0) + (v if k_ in SUMMED_STATS else v * share)
+        return {k: processes.sum(v) for k, v in sorted(totals.items())}
 
     def tool_update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict:
         if not self.train_tool:
             return {}
-        weights = rollout_weights(advantages, batch.group_size, self.cfg.tool_weighting)  # (N,)
+        processes = self.processes
+        weights = rollout_weights(advantages, batch.group_size, self.cfg.tool_weighting)  # (n,)
         calls = [batch.group_calls(i) for i in range(len(batch.records))]
-        loss, n_valid = tool_loss(self.tool, batch.embeddings, calls, batch.targets, self.cfg.tool_loss, weights)
+        total, weight, n_valid = self.tool_pass(batch.embeddings, calls, batch.targets, self.cfg.tool_loss, weights)
+        loss = total / max(processes.sum(weight), 1e-8)  # this process's share of the global weighted mean
         self.tool_opt.zero_grad()
-        (self.cfg.lambda_tool * loss).backward()
+        (self.cfg.lambda_tool * loss * processes.world_size).backward()  # DDP averages over processes
         torch.nn.utils.clip_grad_norm_(self.tool_opt.param_groups[0]["params"], self.cfg.max_grad_norm)
         self.tool_opt.step()
-        return {TOOL_LOSS: loss.item(), TOOL_VALID_ROLLOUTS: n_valid}
+        return {TOOL_LOSS: processes.sum(loss.item()), TOOL_VALID_ROLLOUTS: int(processes.sum(n_valid))}
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -338,7 +404,8 @@ class Trainer:
         meter, grounding = SegmentationMeter(), GroundingMeter()
         self.policy.model.eval()
         for pred in predict_records(self.policy, self.tool, records, self.root, batch_size,
-                                    self.cfg.sampling.max_new_tokens, self.require_think, oracle=True):
+                                    self.cfg.sampling.max_new_tokens, self.require_think, oracle=True,
+                                    processes=self.processes):
             target = pred.record.decode_mask()
             meter.add(pred.mask, target, pred.parsed.format_ok)
             grounding.add(pred.parsed.call, pred.mask, target, pred.record.bbox, pred.oracle)
@@ -356,9 +423,14 @@ class Trainer:
         return {"policy": self.policy_opt, "tool": self.tool_opt}
 
     def save_checkpoint(self, directory: Path) -> None:
-        save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)})
+        """The main process writes; every process holds the same weights and optimiser state."""
+        self.state.world_size = self.processes.world_size
+        if self.processes.is_main:
+            save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)})
 
     def load_checkpoint(self, directory: Path) -> None:
+        """Every process loads the same checkpoint. A run may resume on another number of processes:
+        the batches and sampling noise are functions of (seed, step), not of the process layout."""
         saved = load_resume(directory, self.policy, self.tool, self._optimizers())
         self.state = TrainState(**saved["state"])
         self.state.resumed_from = self.state.step

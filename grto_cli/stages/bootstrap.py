@@ -11,9 +11,9 @@ from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, train_too
 from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
 from grto_cli.core.io import atomic_dir, write_jsonl
 from grto_cli.core.metrics import TOOL_LOSS
-from grto_cli.stages.common import (ConfigError, console, policy_params, progress_bar, quiet_transformers,
-                                    set_threads, stage_config, summary_table, tool_params, training_records,
-                                    write_run_record)
+from grto_cli.stages.common import (ConfigError, console, join_processes, policy_params, progress_bar,
+                                    quiet_transformers, set_threads, stage_config, summary_table, tool_params,
+                                    training_records, write_run_record)
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -37,6 +37,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
+    processes = join_processes(pol_cfg.device)
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -45,20 +46,23 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     if cfg.max_queries:
         records = records[:cfg.max_queries]
     paths = system_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg, processes)
 
     rows = []
     started = time.perf_counter()
     with progress_bar(f"sampling {cfg.rollouts_per_query} rollouts/query", len(records)) as advance:
-        for row in collect_rollouts(policy, records, manifest.parent, cfg, pol_cfg.require_think):
+        for row in collect_rollouts(policy, records, manifest.parent, cfg, cfg.seed, pol_cfg.require_think, processes):
             rows.append(row)
             advance(1)
-    write_jsonl(cfg.cache, rows)
+    if processes.is_main:
+        write_jsonl(cfg.cache, rows)
     sampling_seconds = time.perf_counter() - started
     n_calls = sum(len(r["calls"]) for r in rows)
     n_valid = sum(c is not None for r in rows for c in r["calls"])
     del policy  # generation only: the policy is not needed for the tool steps
 
+    if not processes.is_main:
+        return {}  # every process gathered the whole cache; the tool steps are the main process's
     by_id = {r.id: r for r in records}
     started = time.perf_counter()
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:

@@ -239,6 +239,25 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def join_processes(device: str = "auto"):
+    """This invocation's processes (``core.distributed.Processes``): the launcher's when started by
+    ``accelerate launch`` / torchrun, else a lone process. Processes other than the main one print
+    nothing (one progress bar, one summary)."""
+    from grto_cli.core.distributed import Processes
+
+    processes = Processes.from_environment(cpu=not pick_device(device).startswith("cuda"))
+    console.quiet = not processes.is_main
+    return processes
+
+
+def process_device(device: str, processes) -> str:
+    """The device a stage runs on: the launcher's GPU for this process when several share a machine."""
+    chosen = pick_device(device)
+    if processes.distributed and chosen.startswith("cuda"):
+        return str(processes.device)
+    return chosen
+
+
 def pick_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "bfloat16" if device.startswith("cuda") else "float32"

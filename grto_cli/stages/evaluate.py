@@ -16,8 +16,8 @@ from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, call_box_iou, point_in_target
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, policy_params, progress_bar, quiet_transformers, set_threads,
-                                    stage_config, summary_table, tool_params, write_run_record)
+from grto_cli.stages.common import (console, join_processes, policy_params, progress_bar, quiet_transformers,
+                                    set_threads, stage_config, summary_table, tool_params, write_run_record)
 from grto_cli.stages.system import load_stage_system
 
 CAMOUFLAGE_DATASETS = {"cod10k", "nc4k"}
@@ -73,13 +73,14 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
+    processes = join_processes(pol_cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     manifest = Path(cfg.data) / f"{cfg.split}.jsonl"
     records, report = read_manifest(manifest, on_error=cfg.on_bad_record)
     if cfg.limit:
         records = records[:cfg.limit]
     paths = system_paths(cfg.checkpoint, cfg.policy, cfg.tool, cfg.tool_arch)
-    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg, processes)
 
     meter, grounding = SegmentationMeter(), GroundingMeter()
     cod_meter = _camouflage_meter(records)
@@ -87,7 +88,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     rows, visuals = [], []
     with progress_bar(f"evaluate {cfg.split}", len(records)) as advance:
         for pred in predict_records(policy, tool, records, manifest.parent, cfg.batch_size, cfg.max_new_tokens,
-                                    pol_cfg.require_think, oracle=True):
+                                    pol_cfg.require_think, oracle=True, processes=processes):
             target, mask, oracle = _target_and_preds(pred)
             iou = meter.add(mask, target, pred.parsed.format_ok)
             grounding.add(pred.parsed.call, mask, target, pred.record.bbox, oracle)
@@ -102,6 +103,8 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     if cod_meter is not None:
         metrics.update(cod_meter.summary())
     metrics.update({"split": cfg.split, "n_skipped_records": report.n_skipped, "parse_status": dict(statuses)})
+    if not processes.is_main:
+        return metrics  # every process saw every prediction; the main one writes
     write_jsonl(out.parent / "predictions.jsonl", rows)
     overlay_sheet(out.parent / "overlays.png", visuals)
     write_json(out, metrics)

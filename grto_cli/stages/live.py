@@ -56,3 +56,16 @@ class StepLogger:
         metrics = self.directory / "plots" / "metrics"
         # `dvc plots show` writes a page that loads vega from a CDN; this PNG needs nothing.
         plot_run_curves(metrics, metrics / CURVES_PNG, self.title)
+
+
+class NoLogger:
+    """``StepLogger``'s stand-in on processes other than the main one: curves are written once."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def __enter__(self) -> "NoLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

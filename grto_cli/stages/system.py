@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from grto_cli.core.checkpoint import SystemPaths, load_system
+from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import Policy
 from grto_cli.core.tool import EmbeddingCache, SamTool
-from grto_cli.stages.common import ConfigError, PolicyParams, ToolParams, pick_device, pick_dtype
+from grto_cli.stages.common import ConfigError, PolicyParams, ToolParams, pick_dtype, process_device
 
 
-def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams) -> tuple[Policy, SamTool]:
-    """Policy + tool on the device and dtype the ``policy`` section asks for; SAM's encoder chunking
-    and embedding cache as the ``tool`` section asks."""
-    device = pick_device(pol.device)
+def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams,
+                      processes: Processes | None = None) -> tuple[Policy, SamTool]:
+    """Policy + tool on the device and dtype the ``policy`` section asks for (this process's GPU when
+    a launcher started several); SAM's encoder chunking and embedding cache as the ``tool`` section asks."""
+    device = process_device(pol.device, processes or Processes())
     cache = EmbeddingCache(max_bytes=tool.cache_bytes, disk_dir=tool.cache_dir)
     try:
         return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,

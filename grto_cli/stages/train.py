@@ -18,10 +18,10 @@ from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import MemoryParams, RLConfig, Schedule, Trainer
-from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, pick_device, pick_dtype, policy_params,
-                                    progress_bar, quiet_transformers, set_threads, stage_config, summary_table,
-                                    tool_params, training_records, write_run_record)
-from grto_cli.stages.live import StepLogger
+from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, join_processes, pick_device, pick_dtype,
+                                    policy_params, progress_bar, quiet_transformers, set_threads, stage_config,
+                                    summary_table, tool_params, training_records, write_run_record)
+from grto_cli.stages.live import NoLogger, StepLogger
 from grto_cli.stages.system import load_stage_system
 
 
@@ -72,6 +72,7 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()
+    processes = join_processes(pol_cfg.device)
     root = Path(cfg.data)
     train_records = training_records(root / "train.jsonl")
     val_records, _ = read_manifest(root / "val.jsonl")
@@ -79,22 +80,27 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     inputs = {"train_manifest": root / "train.jsonl", "val_manifest": root / "val.jsonl",
               "policy": paths.policy, "tool": paths.tool}
     run_dir = RunDir(Path(cfg.checkpoints), resume_key(cfg, pol_cfg, inputs))
-    moved = run_dir.open(fresh=fresh)
+    moved = run_dir.open(fresh=fresh) if processes.is_main else None
+    processes.barrier()  # the run directory exists (and --fresh moved the old one) before anyone reads it
     if moved:
         console.print(f"--fresh: the earlier checkpoints of this configuration were moved to {moved}")
-    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg)
+    policy, tool = load_stage_system(paths, pol_cfg, tool_cfg, processes)
     try:
-        trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think, cfg.memory)
+        trainer = Trainer(cfg.rl, policy, tool, train_records, val_records, root, pol_cfg.require_think, cfg.memory,
+                          processes)
     except ValueError as exc:  # a configuration the trainer refuses (e.g. AdamW on bf16 weights)
         raise ConfigError(str(exc)) from None
 
     resume_step = run_dir.resume_step()
     console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +
-                  (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else ""))
+                  (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else "") +
+                  (f", {processes.world_size} processes" if processes.distributed else ""))
     # Curves go to the run's own directory (so two configurations never write into one file) and
     # are published to `train.live` when the run ends.
     started = time.perf_counter()
-    with StepLogger(run_dir.live, resume_step, title=f"train {cfg.rl.method}: {cfg.live}") as log, \
+    logger = StepLogger(run_dir.live, resume_step, title=f"train {cfg.rl.method}: {cfg.live}") if processes.is_main \
+        else NoLogger()
+    with logger as log, \
             progress_bar(f"train {cfg.rl.method}", cfg.schedule.steps) as bar:
         def progress(step: int, metrics: dict | None) -> None:
             info = f"reward {metrics[ROLLOUT_REWARD_MEAN]:.3f} iou {metrics[ROLLOUT_IOU]:.3f}" if metrics else ""
@@ -103,6 +109,8 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
         state = trainer.fit(cfg.schedule, run_dir, log.log, progress)
     # This invocation's wall time (a resumed run counts only the steps it ran itself).
     seconds = round(time.perf_counter() - started, 1)
+    if not processes.is_main:
+        return asdict(state)  # outputs are the main process's to write
 
     with atomic_dir(cfg.live) as tmp:
         shutil.copytree(run_dir.live, tmp, dirs_exist_ok=True)

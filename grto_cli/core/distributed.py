@@ -1,0 +1,109 @@
+"""The processes of one run: which share of the work is this process's, and how the shares meet.
+
+``accelerate launch -m grto_cli train ...`` (or torchrun) starts N processes; accelerate's state
+reads the launcher's environment and joins the process group (gloo on CPU, NCCL on GPUs). A plain
+``grto train`` is the one-process case: every method below is then a no-op or the identity, so
+there is one code path. Trainable modules are wrapped by ``accelerator.prepare_model`` (DDP: the
+gradient of each backward is averaged over processes).
+
+Work is split in whole units (a query's group of rollouts, a generation batch) by position in the
+global order, and gathered back in that order, so N processes compute what one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+
+class Processes:
+    """This process's place in the run; ``Processes()`` is a lone process."""
+
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world_size = accelerator.num_processes if accelerator else 1
+
+    @classmethod
+    def from_environment(cls, cpu: bool = False) -> "Processes":
+        """The launcher's processes when there are several (the process group is joined here), else a
+        lone process; ``cpu`` keeps every process on the CPU (gloo)."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cpu)
+        if state.num_processes == 1:
+            return cls()
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # Unused parameters: SAM's prompt encoder has point/mask embeddings a batch may not touch.
+        return cls(Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device the launcher gave this process (None for a lone process: the caller's choice)."""
+        return self.accelerator.device if self.accelerator else None
+
+    def in_order(self, n: int, work: Callable[[int], Any]) -> Iterator[Any]:
+        """``work(0), ..., work(n - 1)``, yielded in that order on every process, computed by turns:
+        unit i runs on process i % world_size, and each round's results are gathered before they
+        are yielded (so results stream; a round holds world_size units in memory)."""
+        for start in range(0, n, self.world_size):
+            i = start + self.rank
+            mine = work(i) if i < n else None
+            if not self.distributed:
+                yield mine
+                continue
+            results: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(results, mine)
+            yield from results[:min(self.world_size, n - start)]
+
+    def block(self, n: int, what: str = "units") -> slice:
+        """This process's contiguous block of ``n`` units; ``n`` must split evenly."""
+        if n % self.world_size:
+            raise ValueError(f"{n} {what} do not split evenly over {self.world_size} processes: "
+                             f"choose a multiple of {self.world_size}")
+        size = n // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def sum(self, value: float | torch.Tensor) -> float | torch.Tensor:
+        """The sum over processes of a number or tensor (every process gets it)."""
+        if not self.distributed:
+            return value
+        tensor = torch.as_tensor(value, dtype=torch.float64).to(self.device)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor) if not isinstance(value, torch.Tensor) else tensor.to(value.dtype).to(value.device)
+
+    def gather(self, items: Sequence[Any]) -> list[Any]:
+        """Every process's list, concatenated in rank order (every process gets it)."""
+        if not self.distributed:
+            return list(items)
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` made to synchronise its gradients (accelerate's DDP); itself for a lone process."""
+        if not self.distributed:
+            return module
+        return self.accelerator.prepare_model(module, device_placement=False)
+
+    def no_sync(self, module: torch.nn.Module):
+        """Accumulate gradients locally (no all-reduce) inside this block."""
+        if not self.distributed or not hasattr(module, "no_sync"):
+            return contextlib.nullcontext()
+        return module.no_sync()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()

@@ -156,3 +156,38 @@ def test_only_the_main_process_writes_checkpoints(tiny_system, synthetic_data, t
     trainer.processes = Processes()
     trainer.save_checkpoint(tmp_path / "last")
     assert (tmp_path / "last/state.json").is_file()
+
+
+def test_shipped_accelerate_configs_load_and_are_supported():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from grto_cli.core.distributed import check_supported
+
+    folder = Path(__file__).resolve().parents[1] / "grto_cli/configs/accelerate"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {p.stem for p in configs} == {"one_gpu", "ddp"}
+    for path in configs:
+        cfg = load_config_from_file(str(path))
+        assert str(cfg.mixed_precision) == "no", path
+        if cfg.num_processes > 1:
+            check_supported(str(cfg.distributed_type), str(cfg.mixed_precision))
+
+
+def test_unsupported_engines_and_accelerate_mixed_precision_are_refused():
+    from grto_cli.core.distributed import check_supported
+
+    for engine in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
+        with pytest.raises(ValueError, match="not supported yet"):
+            check_supported(engine, "no")
+    with pytest.raises(ValueError, match="mixed_precision no"):
+        check_supported("DistributedType.MULTI_GPU", "bf16")
+
+
+def test_doctests_of_the_distributed_and_sampling_modules():
+    import doctest
+
+    from grto_cli.core import distributed, sampling
+
+    for module in (distributed, sampling):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -18,6 +18,26 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 
+SUPPORTED_ENGINES = ("DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU")
+
+
+def check_supported(engine: str, mixed_precision: str) -> None:
+    """DDP on GPUs or CPUs, with grto's own precision; anything else is refused before it runs.
+
+    >>> check_supported("DistributedType.FSDP", "no")
+    Traceback (most recent call last):
+    ...
+    ValueError: accelerate's DistributedType.FSDP is not supported yet: grto runs DDP (configs/accelerate/ddp.yaml), one whole policy per process; use LoRA (train.lora) where a full fine-tune does not fit one GPU
+    """
+    if engine not in SUPPORTED_ENGINES:
+        raise ValueError(f"accelerate's {engine} is not supported yet: grto runs DDP (configs/accelerate/ddp.yaml), "
+                         f"one whole policy per process; use LoRA (train.lora) where a full fine-tune does not fit "
+                         f"one GPU")
+    if mixed_precision not in ("no", "MixedPrecisionType.NO"):
+        raise ValueError(f"accelerate's mixed precision ({mixed_precision}) would change the math behind grto's "
+                         f"back: launch with --mixed_precision no and set policy.dtype")
+
+
 class Processes:
     """This process's place in the run; ``Processes()`` is a lone process."""
 
@@ -38,8 +58,10 @@ class Processes:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # Unused parameters: SAM's prompt encoder has point/mask embeddings a batch may not touch.
-        return cls(Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))
+        # Unused parameters: a mixture-of-experts policy leaves unrouted experts out of a forward.
+        accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        check_supported(str(accelerator.distributed_type), str(accelerator.mixed_precision))
+        return cls(accelerator)
 
     @property
     def is_main(self) -> bool:

@@ -11,7 +11,7 @@ init: speed and memory do not depend on training), the tool SAM ViT-H (``build_s
 random init) in a ``SamTool``. Everything a step does goes through grto's own code: ``Trainer``
 wraps the policy (LoRA as ``Trainer._wrap_lora``; full fine-tuning as
 ``Trainer._prepare_full_finetune``, which refuses AdamW on bf16 weights, so ``--mode full`` builds
-the policy in float32), prompts come from ``encode_prompts`` / ``repeat_prompts``, sampling from
+the policy in float32), prompts come from ``encode_prompts`` / ``expand_prompts``, sampling from
 ``generate`` with grto's ``sampling_config``, log-probs from ``Trainer.logprobs`` /
 ``Trainer.reference_logprobs``, the loss from ``grpo.policy_loss``, the tool from
 ``SamTool.embed`` / ``decode``, rewards from ``compute_rewards`` and the tool step from
@@ -29,7 +29,7 @@ Completions are forced to ``--completion-tokens`` by ``min_new_tokens = max_new_
 
 Timed parts (CUDA synchronised around each one; seconds are wall clock of one step):
 
-- generation: ``encode_prompts`` (processor: resize + patchify + tokenise) + ``repeat_prompts``
+- generation: ``encode_prompts`` (processor: resize + patchify + tokenise) + ``expand_prompts``
   + ``generate`` of B x G completions (eval mode, KV cache), as ``rollout.sample_completions``
 - sam_encode: ``SamTool.embed`` of the B images (ViT-H under bf16 autocast), once per image
 - sam_decode: ``rollout.score_groups`` (per image, ``SamTool.decode`` of its G calls, no grad, +
@@ -354,8 +354,8 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
     from grto_cli.core.grpo import batch_normaliser, group_advantages, policy_loss
     from grto_cli.core.policy import (
         encode_prompts,
+        expand_prompts,
         generate,
-        repeat_prompts,
         sampling_config,
     )
     from grto_cli.core.rollout import RolloutBatch, score_groups
@@ -369,14 +369,15 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
 
     with parts.measure("generation"):  # rollout.sample_completions, less decode + parse
         prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], [r.query for r in records])
-        prompts = repeat_prompts(prompts, G)
         gen_cfg = sampling_config(policy, cfg.sampling.max_new_tokens)
         gen_cfg.min_new_tokens = cfg.sampling.max_new_tokens  # every completion has the full length
         keys = row_keys([rollout_key(cfg.seed, step, g) for g in range(len(records))], G)
         sampler = GumbelSampler(keys, cfg.sampling.temperature, prompts["input_ids"].shape[1])
         was_training = policy.model.training
         policy.model.eval()
-        completion_ids, mask = generate(policy, prompts, gen_cfg, sampler)
+        with torch.no_grad():  # the vision tower once per image, shared by its G rows
+            inputs = expand_prompts(policy.model, prompts, torch.arange(len(records)).repeat_interleave(G))
+        completion_ids, mask = generate(policy, inputs, gen_cfg, sampler)
         policy.model.train(was_training)
 
     with parts.measure("sam_encode"):  # new keys every step: the encoder runs, as on a first visit

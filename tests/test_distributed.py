@@ -191,3 +191,11 @@ def test_doctests_of_the_distributed_and_sampling_modules():
     for module in (distributed, sampling):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused():
+    second = _SecondOfTwo()
+    assert second.block(8) == slice(4, 8)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        second.block(7, "queries per step (train.queries_per_step)")
+    assert list(Processes().in_order(3, lambda i: i * 10)) == [0, 10, 20]

@@ -22,10 +22,9 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from grto_cli.core.answer import ANSWER_RE, format_answer, parse_answer
-from grto_cli.core.policy import (FAMILY_CONVENTIONS, completion_logprobs, encode_prompts, load_policy,
-                                  repeat_prompts, resized_sizes)
+from grto_cli.core.policy import FAMILY_CONVENTIONS, completion_logprobs, encode_prompts, load_policy, resized_sizes
 from grto_cli.core.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
-from test_policy import sample_with_scores
+from test_policy import repeat_prompts, sample_with_scores
 
 PATCH = 8  # vision patch; with merge_size 2 the processor resizes to multiples of 16 pixels
 HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 4, 2, 2
@@ -199,6 +198,12 @@ def test_recomputed_logprobs_match_sampling_logits(family_dirs, family, favour_i
         alone = completion_logprobs(policy.model, single, completion[::3], mask[::3], temperature,
                                     policy.suppressed_ids)
     assert torch.allclose(alone, got[::3], atol=1e-4), (alone - got[::3]).abs().max()
+    # The trainer's layout: one prompt per group, its image encoded once and shared by 3 rows
+    # (Qwen3-VL's deepstack features included).
+    with torch.no_grad():
+        grouped = completion_logprobs(policy.model, single, completion, mask, temperature, policy.suppressed_ids,
+                                      rows=torch.arange(2).repeat_interleave(3))
+    assert torch.allclose(grouped, got, atol=1e-4), (grouped - got).abs().max()
     with torch.no_grad():
         wrong = completion_logprobs(policy.model, batch, completion, mask, 1.0, policy.suppressed_ids)
     assert not torch.allclose(wrong, expected, atol=1e-3)

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from grto_cli.core.answer import format_answer, parse_answer
-from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, generate, load_policy,
-                                  repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, expand_prompts, generate,
+                                  load_policy, resized_sizes, sampling_config, select_prompts)
 from grto_cli.core.sampling import GumbelSampler, row_keys
 from transformers import LogitsProcessorList
 
@@ -64,14 +64,54 @@ def test_recomputed_logprobs_match_sampling_logits(tiny_system, favour_image_tok
     assert not torch.allclose(wrong, expected, atol=1e-3)
 
 
-def test_repeat_prompts_repeats_each_images_patch_block(tiny_system):
+def repeat_prompts(batch: dict, n: int) -> dict:
+    """Every prompt ``n`` times in a row, pixels included: the naive input for n rollouts each, which
+    ``expand_prompts`` must equal without encoding each image n times."""
+    return select_prompts(batch, [i for i in range(batch["input_ids"].shape[0]) for _ in range(n)])
+
+
+def test_select_prompts_picks_whole_image_patch_blocks(tiny_system):
     policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
     batch = encode_prompts(policy, _images(2), ["a", "b"])
-    rep = repeat_prompts(batch, 2)
+    rep = select_prompts(batch, [0, 0, 1, 0])
     n = batch["pixel_values"].shape[0] // 2
     first, second = batch["pixel_values"][:n], batch["pixel_values"][n:]
-    assert torch.equal(rep["pixel_values"], torch.cat([first, first, second, second]))
-    assert torch.equal(rep["input_ids"][1], batch["input_ids"][0])
+    assert torch.equal(rep["pixel_values"], torch.cat([first, first, second, first]))
+    assert torch.equal(rep["input_ids"][2], batch["input_ids"][1])
+
+
+def test_each_prompt_image_goes_through_the_vision_tower_once(tiny_system):
+    """G completions per prompt: generation and log-probs share one vision-tower output per image
+    (a hook counts the patches the tower sees) and give what G encoded copies give."""
+    policy = load_policy(tiny_system / "policy", prompt_template="Locate: {query}.")
+    prompts = encode_prompts(policy, _images(2), ["the red circle", "the shape left of the blue square"])
+    G, patches_per_image = 3, prompts["pixel_values"].shape[0] // 2
+    rows = torch.arange(2).repeat_interleave(G)
+    seen: list[int] = []
+    hook = policy.model.model.visual.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        sampler = GumbelSampler(row_keys([1, 2], G), 1.0, prompts["input_ids"].shape[1])
+        with torch.no_grad():
+            shared, _ = generate(policy, expand_prompts(policy.model, prompts, rows), sampling_config(policy, 12), sampler)
+        assert seen == [2 * patches_per_image]
+        copies, _ = generate(policy, repeat_prompts(prompts, G), sampling_config(policy, 12), sampler)
+        assert seen[1:] == [2 * G * patches_per_image]  # the naive input encodes every copy
+        assert torch.equal(shared, copies)
+        mask = completion_mask(shared, policy.eos_token_id)
+        seen.clear()
+        with torch.no_grad():
+            grouped = completion_logprobs(policy.model, prompts, shared, mask, 0.7, policy.suppressed_ids, rows=rows)
+            # Rows 2..4 of the group layout: the end of prompt 0's group and the start of prompt 1's.
+            partial = completion_logprobs(policy.model, prompts, shared[2:5], mask[2:5], 0.7, policy.suppressed_ids,
+                                          rows=rows[2:5])
+        assert seen == [2 * patches_per_image, 2 * patches_per_image]
+        with torch.no_grad():
+            naive = completion_logprobs(policy.model, repeat_prompts(prompts, G), shared, mask, 0.7,
+                                        policy.suppressed_ids)
+    finally:
+        hook.remove()
+    assert torch.allclose(grouped, naive, atol=1e-5)
+    assert torch.allclose(partial, naive[2:5], atol=1e-5)
 
 
 def test_checkpoint_generation_defaults_cannot_change_sampling(tiny_system):

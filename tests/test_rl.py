@@ -109,8 +109,9 @@ def test_trainer_logprobs_use_the_sampling_temperature(tiny_system, synthetic_da
     batch = trainer.rollouts(0)
     model = trainer.policy.model
     with torch.no_grad():
-        expected = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, T)
-        at_one = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, 1.0)
+        rows = batch.prompt_rows(slice(None))
+        expected = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, T, rows=rows)
+        at_one = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, 1.0, rows=rows)
         got = trainer.logprobs(model, batch, slice(None))
     assert not torch.allclose(expected, at_one, atol=1e-3)  # the temperature matters for this batch
     assert torch.allclose(got, expected, atol=1e-5)
@@ -169,7 +170,8 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, sy
     batch = trainer.rollouts(2)
     base, _ = load_system(system_paths(tiny_system), TEMPLATE)
     with torch.no_grad():
-        expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, T)
+        expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, T,
+                                       rows=batch.prompt_rows(slice(None)))
     reference = trainer.reference_logprobs(batch)
     current = trainer._logprobs_no_grad(trainer.policy.model, batch)
     assert not torch.allclose(current, expected, atol=1e-3), "the adapters should have moved the policy"

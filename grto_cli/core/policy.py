@@ -176,21 +176,45 @@ def resized_sizes(policy: Policy, batch: dict) -> list[tuple[int, int]]:
     return [(int(h) * patch, int(w) * patch) for _, h, w in batch["image_grid_thw"].tolist()]
 
 
-def repeat_prompts(batch: dict, n: int) -> dict:
-    """Repeat every prompt ``n`` times in a row (for G rollouts), images included.
-
-    ``pixel_values`` holds the patches of all images back to back, so each image's block of
-    rows is repeated, not the tensor's rows one by one.
-    """
-    if n == 1:
-        return batch
+def select_prompts(prompts: dict, indices: Sequence[int]) -> dict:
+    """Prompts ``indices`` of a prompt batch, in that order; ``pixel_values`` holds each prompt's
+    image patches back to back, so whole blocks are picked, not the tensor's rows."""
     out = {}
-    for key, value in batch.items():
+    for key, value in prompts.items():
         if key == "pixel_values":
-            sizes = batch["image_grid_thw"].prod(-1).tolist()
-            out[key] = torch.cat([chunk for chunk in value.split(sizes) for _ in range(n)])
+            blocks = value.split(prompts["image_grid_thw"].prod(-1).tolist())
+            out[key] = torch.cat([blocks[i] for i in indices])
         else:
-            out[key] = value.repeat_interleave(n, dim=0)
+            out[key] = value[list(indices)]
+    return out
+
+
+def encode_images(model: torch.nn.Module, prompts: dict):
+    """The vision tower's output (``pooler_output``: one tensor per image; Qwen3-VL also carries
+    ``deepstack_features``) for every image of a prompt batch."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"], return_dict=True)
+
+
+def select_images(encoded, which: Sequence[int]):
+    """An ``encode_images`` output for images ``which`` (repeats allowed), in that order."""
+    fields = dict(encoded)
+    fields["pooler_output"] = [encoded.pooler_output[i] for i in which]
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
+        fields["deepstack_features"] = [[layer[i] for i in which] for layer in encoded.deepstack_features]
+    return type(encoded)(**fields)
+
+
+def expand_prompts(model: torch.nn.Module, prompts: dict, rows: torch.Tensor) -> dict:
+    """Model inputs for ``len(rows)`` sequences, sequence i asking prompt ``rows[i]``: the text side
+    indexed, and the vision tower run once per distinct prompt image, its output shared by every
+    sequence that asks it (``mm_encoder_outputs``), instead of G copies of the pixels encoded G times."""
+    rows = rows.to(prompts["input_ids"].device)
+    needed = sorted(set(rows.tolist()))
+    position = {p: i for i, p in enumerate(needed)}
+    encoded = encode_images(model, select_prompts(prompts, needed))
+    out = {key: value[rows] for key, value in prompts.items() if key != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": select_images(encoded, [position[p] for p in rows.tolist()])}
     return out
 
 
@@ -235,9 +259,11 @@ LOGPROB_CHUNK = 64  # completion tokens whose full-vocabulary logits exist at on
 
 def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: torch.Tensor,
                         mask: torch.Tensor, temperature: float = 1.0, suppressed_ids: Sequence[int] = (),
-                        chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+                        chunk: int = LOGPROB_CHUNK, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs (B, L) of ``completion_ids`` given the prompts, under the sampling
-    distribution: logits / temperature, with the tokens sampling suppresses at -inf.
+    distribution: logits / temperature, with the tokens sampling suppresses at -inf. Completion i
+    answers prompt ``rows[i]`` of ``batch`` (default: prompt i); each distinct prompt image goes
+    through the vision tower once (``expand_prompts``), however many completions answer it.
 
     The prompt's side inputs are rebuilt for prompt + completion: the attention mask is extended
     by the completion mask, ``mm_token_type_ids`` by zeros (text), and M-RoPE position ids are left
@@ -248,13 +274,16 @@ def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: tor
     checkpointing, so no (B, L, V) tensor (V ~152k for Qwen) exists in the forward or the backward.
     """
     prompt_len, length = batch["input_ids"].shape[1], completion_ids.shape[1]
-    inputs = dict(batch)
-    inputs["input_ids"] = torch.cat([batch["input_ids"], completion_ids], dim=1)
-    inputs["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in batch:
-            inputs[key] = torch.cat([batch[key], torch.zeros_like(completion_ids, dtype=batch[key].dtype)], dim=1)
+    if rows is None:
+        rows = torch.arange(completion_ids.shape[0])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay in place
+    inputs = expand_prompts(base, batch, rows)  # the vision tower runs once per distinct prompt image
+    prompt = dict(inputs)  # the prompt side, before the completion is appended
+    inputs["input_ids"] = torch.cat([prompt["input_ids"], completion_ids], dim=1)
+    inputs["attention_mask"] = torch.cat([prompt["attention_mask"], mask.to(prompt["attention_mask"].dtype)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in prompt:
+            inputs[key] = torch.cat([prompt[key], torch.zeros_like(completion_ids, dtype=prompt[key].dtype)], dim=1)
     hidden = base.model(**inputs, use_cache=False).last_hidden_state  # (B, P + L, H), after the final norm
     hidden = hidden[:, prompt_len - 1:prompt_len - 1 + length]  # (B, L, H): the states that predict the completion
     head = base.get_output_embeddings()

@@ -1,7 +1,8 @@
 """Group sampling: G completions per query, parsed calls, the tool's masks, rewards, log-probs.
 
-The image encoder runs once per image; all G calls of that image go through the mask decoder in
-one batch.
+Each image goes through the policy's vision tower once per generation and once per log-prob pass
+(its output shared by the G completions, ``policy.expand_prompts``), and through SAM's image
+encoder once; all G calls of that image go through the mask decoder in one batch.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from PIL import Image
 
 from grto_cli.core.data.records import Record
 from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
-from grto_cli.core.policy import (LOGPROB_CHUNK, Policy, completion_logprobs, decode_completions, encode_prompts, generate,
-                                  repeat_prompts, resized_sizes, sampling_config)
+from grto_cli.core.policy import (LOGPROB_CHUNK, Policy, completion_logprobs, decode_completions, encode_prompts,
+                                  expand_prompts, generate, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
 from grto_cli.core.sampling import GumbelSampler, row_keys
 from grto_cli.core.tool import SamTool
@@ -34,7 +35,7 @@ class SamplingParams:
 class RolloutBatch:
     records: list[Record]
     group_size: int
-    prompts: dict  # model inputs, each prompt repeated group_size times in a row
+    prompts: dict  # model inputs, one prompt per record: completions i*G..(i+1)*G-1 answer prompt i
     completion_ids: torch.Tensor  # (N, L), N = len(records) * group_size
     completion_mask: torch.Tensor  # (N, L): up to and including the first EOS
     texts: list[str]
@@ -42,6 +43,10 @@ class RolloutBatch:
     rewards: RewardBreakdown
     embeddings: torch.Tensor  # (len(records), C, h, w): frozen image-encoder outputs
     targets: list[torch.Tensor]  # per record, (H, W) bool
+
+    def prompt_rows(self, rows: slice) -> torch.Tensor:
+        """The prompt each completion of ``rows`` answers."""
+        return torch.arange(self.completion_ids.shape[0])[rows] // self.group_size
 
     @property
     def calls(self) -> list[ToolCall | None]:
@@ -62,11 +67,12 @@ def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Se
         raise ValueError(f"{len(queries)} queries but {len(keys)} rollout keys")
     prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
     sizes = resized_sizes(policy, prompts)
-    prompts = repeat_prompts(prompts, G)
     sampler = GumbelSampler(row_keys(keys, G), sampling.temperature, prompts["input_ids"].shape[1])
     was_training = policy.model.training
     policy.model.eval()
-    completion_ids, mask = generate(policy, prompts, sampling_config(policy, sampling.max_new_tokens), sampler)
+    with torch.no_grad():
+        inputs = expand_prompts(policy.model, prompts, torch.arange(len(queries)).repeat_interleave(G))
+    completion_ids, mask = generate(policy, inputs, sampling_config(policy, sampling.max_new_tokens), sampler)
     policy.model.train(was_training)
     texts = decode_completions(policy, completion_ids)
     parsed = [parse_answer(t, images[i // G].shape[:2], sizes[i // G], policy.coord_convention, require_think)
@@ -110,18 +116,5 @@ def concat_rewards(parts: Sequence[RewardBreakdown]) -> RewardBreakdown:
 def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, temperature: float,
                      suppressed_ids: Sequence[int] = (), chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """Per-token log-probs of a slice of the rollouts' completions under ``model``."""
-    prompts = slice_prompts(batch.prompts, rows)
-    return completion_logprobs(model, prompts, batch.completion_ids[rows], batch.completion_mask[rows], temperature,
-                               suppressed_ids, chunk)
-
-
-def slice_prompts(prompts: dict, rows: slice) -> dict:
-    """Rows ``rows`` of a prompt batch; ``pixel_values`` holds each row's image patches back to back."""
-    out = {}
-    sizes = prompts["image_grid_thw"].prod(-1).tolist()
-    for key, value in prompts.items():
-        if key == "pixel_values":
-            out[key] = torch.cat(value.split(sizes)[rows])
-        else:
-            out[key] = value[rows]
-    return out
+    return completion_logprobs(model, batch.prompts, batch.completion_ids[rows], batch.completion_mask[rows],
+                               temperature, suppressed_ids, chunk, rows=batch.prompt_rows(rows))

@@ -30,7 +30,7 @@ def rollout_key(*parts: int) -> int:
 
 
 def row_keys(group_keys: Sequence[int], group_size: int) -> list[int]:
-    """One key per sampled row, rows of a group next to each other (as ``repeat_prompts`` lays them)."""
+    """One key per sampled row, rows of a group next to each other (as ``policy.expand_prompts`` lays them)."""
     return [rollout_key(k, j) for k in group_keys for j in range(group_size)]
 
 

@@ -36,7 +36,9 @@ def project(tmp_path_factory, tiny_system, synthetic_data) -> Path:
 
 
 def _grto(project: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # CPU processes (gloo) even on a machine with a GPU: one GPU cannot host ranks 0 and 1.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     if processes == 1:
         cmd = [sys.executable, "-m", "grto_cli", *args]
     else:

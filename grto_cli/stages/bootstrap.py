@@ -54,15 +54,14 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
         for row in collect_rollouts(policy, records, manifest.parent, cfg, cfg.seed, pol_cfg.require_think, processes):
             rows.append(row)
             advance(1)
-    if processes.is_main:
-        write_jsonl(cfg.cache, rows)
+    if not processes.is_main:
+        return {}  # every process gathered the whole cache; writing it and the tool steps are the main one's
+    write_jsonl(cfg.cache, rows)
     sampling_seconds = time.perf_counter() - started
     n_calls = sum(len(r["calls"]) for r in rows)
     n_valid = sum(c is not None for r in rows for c in r["calls"])
     del policy  # generation only: the policy is not needed for the tool steps
 
-    if not processes.is_main:
-        return {}  # every process gathered the whole cache; the tool steps are the main process's
     by_id = {r.id: r for r in records}
     started = time.perf_counter()
     with progress_bar("tool steps on the cache", cfg.steps) as advance, StepLogger(cfg.live) as log:

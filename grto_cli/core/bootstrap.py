@@ -47,15 +47,13 @@ def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg:
     order: its completions, their parse statuses and their calls (``ToolCall.to_dict`` or None).
     Query i's noise is keyed by (seed, i), so the cache is the same however the generation batches
     are spread over processes (each process generates every world_size-th batch)."""
-    processes = processes or Processes()
     sampling = SamplingParams(group_size=cfg.rollouts_per_query, temperature=cfg.temperature,
                               max_new_tokens=cfg.max_new_tokens)
-    K, size = cfg.rollouts_per_query, cfg.generation_batch
+    K = cfg.rollouts_per_query
 
-    def batch(k: int) -> list[dict]:
-        chunk = records[k * size:(k + 1) * size]
+    def batch(chunk: Sequence[Record], start: int) -> list[dict]:
         images = [load_rgb(r.image_path(root)) for r in chunk]
-        keys = [rollout_key(seed, k * size + i) for i in range(len(chunk))]
+        keys = [rollout_key(seed, start + i) for i in range(len(chunk))]
         _, _, _, texts, parsed = sample_completions(policy, images, [r.query for r in chunk], sampling, keys,
                                                     require_think)
         rows = []
@@ -65,8 +63,7 @@ def collect_rollouts(policy: Policy, records: Sequence[Record], root: Path, cfg:
                          "calls": [p.call.to_dict() if p.call else None for p in group]})
         return rows
 
-    for rows in processes.in_order(-(-len(records) // size), batch):
-        yield from rows
+    yield from (processes or Processes()).in_batches(records, cfg.generation_batch, batch)
 
 
 def train_tool_on_cache(tool: SamTool, cache: list[dict], records: dict[str, Record], root: Path,

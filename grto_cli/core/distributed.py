@@ -90,6 +90,15 @@ class Processes:
             torch.distributed.all_gather_object(results, mine)
             yield from results[:min(self.world_size, n - start)]
 
+    def in_batches(self, items: Sequence[Any], size: int, work: Callable[[Sequence[Any], int], list]) -> Iterator[Any]:
+        """``work(batch, start)`` for consecutive batches of ``size`` items (``start``: the batch's first
+        item's index), spread over processes by ``in_order``; every result, in item order."""
+        def batch(k: int) -> list:
+            return work(items[k * size:(k + 1) * size], k * size)
+
+        for results in self.in_order(-(-len(items) // size), batch):
+            yield from results
+
     def block(self, n: int, what: str = "units") -> slice:
         """This process's contiguous block of ``n`` units; ``n`` must split evenly."""
         if n % self.world_size:
@@ -98,13 +107,17 @@ class Processes:
         size = n // self.world_size
         return slice(self.rank * size, (self.rank + 1) * size)
 
-    def sum(self, value: float | torch.Tensor) -> float | torch.Tensor:
-        """The sum over processes of a number or tensor (every process gets it)."""
+    def sum(self, value: float) -> float:
+        """The sum over processes of a number (every process gets it)."""
+        return self.sums({"value": value})["value"]
+
+    def sums(self, values: dict[str, float]) -> dict[str, float]:
+        """Each number's sum over processes, in one all-reduce (every process gets them)."""
         if not self.distributed:
-            return value
-        tensor = torch.as_tensor(value, dtype=torch.float64).to(self.device)
+            return dict(values)
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
-        return float(tensor) if not isinstance(value, torch.Tensor) else tensor.to(value.dtype).to(value.device)
+        return dict(zip(values, tensor.tolist()))
 
     def gather(self, items: Sequence[Any]) -> list[Any]:
         """Every process's list, concatenated in rank order (every process gets it)."""

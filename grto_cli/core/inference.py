@@ -70,15 +70,11 @@ def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], ro
     """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt.
     Over several processes, each predicts every world_size-th batch and every process receives
     all predictions in order (a batch is the same batch as in one process, so the same answers)."""
-    processes = processes or Processes()
-
-    def batch(k: int) -> list[Prediction]:
-        chunk = records[k * batch_size:(k + 1) * batch_size]
+    def batch(chunk: Sequence[Record], start: int) -> list[Prediction]:
         images = [load_rgb(r.image_path(root)) for r in chunk]
         oracle_calls = [oracle_call(r) for r in chunk] if oracle else None
         return [Prediction(record=r, completion=text, parsed=parsed, probability=prob, oracle=oracle_mask)
                 for r, (text, parsed, prob, oracle_mask) in zip(chunk, predict_batch(
                     policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls))]
 
-    for predictions in processes.in_order(-(-len(records) // batch_size), batch):
-        yield from predictions
+    yield from (processes or Processes()).in_batches(records, batch_size, batch)

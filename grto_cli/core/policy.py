@@ -189,11 +189,15 @@ def select_prompts(prompts: dict, indices: Sequence[int]) -> dict:
     return out
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay in place), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def encode_images(model: torch.nn.Module, prompts: dict):
     """The vision tower's output (``pooler_output``: one tensor per image; Qwen3-VL also carries
     ``deepstack_features``) for every image of a prompt batch."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"], return_dict=True)
+    return base_model(model).model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"], return_dict=True)
 
 
 def select_images(encoded, which: Sequence[int]):
@@ -276,7 +280,7 @@ def completion_logprobs(model: torch.nn.Module, batch: dict, completion_ids: tor
     prompt_len, length = batch["input_ids"].shape[1], completion_ids.shape[1]
     if rows is None:
         rows = torch.arange(completion_ids.shape[0])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers stay in place
+    base = base_model(model)
     inputs = expand_prompts(base, batch, rows)  # the vision tower runs once per distinct prompt image
     prompt = dict(inputs)  # the prompt side, before the completion is appended
     inputs["input_ids"] = torch.cat([prompt["input_ids"], completion_ids], dim=1)

@@ -275,21 +275,18 @@ class Trainer:
         return metrics
 
     def rollout_metrics(self, batch: RolloutBatch) -> dict:
-        """Rollout statistics of the whole global batch (every process's groups, in order)."""
-        gather = self.processes.gather
-        rewards = batch.rewards
-        total = torch.tensor(gather(rewards.total.tolist()))  # (N,)
+        """Rollout statistics of the whole global batch (every process's groups, in order, in one gather)."""
+        r = batch.rewards
+        rows = self.processes.gather(list(zip(
+            r.total.tolist(), r.format_ok.float().tolist(), r.iou.tolist(), r.box_iou.tolist(), r.point.tolist(),
+            batch.completion_mask.sum(1).float().tolist(), batch.calls)))
+        total, format_ok, iou, box_iou, point, tokens, calls = zip(*rows)
+        total = torch.tensor(total)  # (N,)
         _, zero_std = group_advantages(total, batch.group_size, self.cfg.scale_by_std)
-        calls = gather(batch.calls)
-
-        def mean(x: torch.Tensor) -> float:
-            return float(np.mean(gather(x.float().tolist())))
-
         return {ROLLOUT_REWARD_MEAN: total.mean().item(), ROLLOUT_REWARD_STD: total.std().item(),
-                ROLLOUT_FORMAT_RATE: mean(rewards.format_ok), ROLLOUT_IOU: mean(rewards.iou),
-                ROLLOUT_ZERO_STD_GROUPS: zero_std,
-                ROLLOUT_COMPLETION_TOKENS: mean(batch.completion_mask.sum(1)),
-                ROLLOUT_BOX_IOU: mean(rewards.box_iou), ROLLOUT_POINT_IN_TARGET: mean(rewards.point),
+                ROLLOUT_FORMAT_RATE: float(np.mean(format_ok)), ROLLOUT_IOU: float(np.mean(iou)),
+                ROLLOUT_ZERO_STD_GROUPS: zero_std, ROLLOUT_COMPLETION_TOKENS: float(np.mean(tokens)),
+                ROLLOUT_BOX_IOU: float(np.mean(box_iou)), ROLLOUT_POINT_IN_TARGET: float(np.mean(point)),
                 ROLLOUT_DISTINCT_CALLS: distinct_calls(calls) / len(calls)}
 
     def _batch_records(self, step: int) -> list[Record]:
@@ -359,8 +356,9 @@ class Trainer:
         and whatever the number of processes (the normaliser and token count are global sums)."""
         cfg, processes = self.cfg, self.processes
         mask = batch.completion_mask  # (n, L)
-        normaliser = processes.sum(batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens))
-        total_tokens = max(processes.sum(float(mask.sum())), 1.0)
+        counts = processes.sums({"normaliser": batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens),
+                                 "tokens": float(mask.sum())})
+        normaliser, total_tokens = counts["normaliser"], max(counts["tokens"], 1.0)
         totals: dict[str, float] = {}
         starts = range(0, mask.shape[0], cfg.micro_batch)
         for k, s in enumerate(starts):
@@ -380,7 +378,7 @@ class Trainer:
             share = float(mask[rows].sum()) / total_tokens
             for k_, v in out.stats.items():
                 totals[k_] = totals.get(k_, 0.0) + (v if k_ in SUMMED_STATS else v * share)
-        return {k: processes.sum(v) for k, v in sorted(totals.items())}
+        return processes.sums(dict(sorted(totals.items())))
 
     def tool_update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict:
         if not self.train_tool:
@@ -394,7 +392,8 @@ class Trainer:
         (self.cfg.lambda_tool * loss * processes.world_size).backward()  # DDP averages over processes
         torch.nn.utils.clip_grad_norm_(self.tool_opt.param_groups[0]["params"], self.cfg.max_grad_norm)
         self.tool_opt.step()
-        return {TOOL_LOSS: processes.sum(loss.item()), TOOL_VALID_ROLLOUTS: int(processes.sum(n_valid))}
+        stats = processes.sums({TOOL_LOSS: loss.item(), TOOL_VALID_ROLLOUTS: n_valid})
+        return {TOOL_LOSS: stats[TOOL_LOSS], TOOL_VALID_ROLLOUTS: int(stats[TOOL_VALID_ROLLOUTS])}
 
     # -- evaluation ----------------------------------------------------------------------------
 

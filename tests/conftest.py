@@ -50,3 +50,19 @@ def tiny_system(tmp_path_factory, synthetic_data) -> Path:
     train_policy_sft(policy, records, synthetic_data, PolicySftConfig(steps=60, batch_size=8, lr=3e-3), seed=0)
     policy.model.save_pretrained(out / "policy")
     return out
+
+
+@pytest.fixture(scope="session")
+def make_project(tmp_path_factory, tiny_system, synthetic_data):
+    """``make_project(name)``: a fresh project directory laid out as `dvc repro` leaves it after
+    prepare + pretrain (the root params.yaml, the prepared data, the tiny system as models/base)."""
+    import shutil
+
+    def make(name: str) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+        shutil.copytree(synthetic_data, root / "data/prepared/synthetic")
+        shutil.copytree(tiny_system, root / "models/base")
+        return root
+
+    return make

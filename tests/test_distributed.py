@@ -5,7 +5,6 @@ plain one-process run, for train (weights, resume), evaluate (predictions, metri
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from safetensors.torch import load_file
 
 from grto_cli.core.distributed import Processes
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 SMALL = ["--set", "train.queries_per_step=4", "--set", "train.sampling.group_size=4",
          "--set", "train.sampling.max_new_tokens=24", "--set", "train.eval_every=2", "--set", "train.eval_limit=6",
          "--set", "train.eval_batch_size=2", "--set", "train.checkpoint_every=2", "--set", "train.micro_batch=4",
@@ -27,12 +25,8 @@ TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_system, synthetic_data) -> Path:
-    root = tmp_path_factory.mktemp("dist")
-    shutil.copy(PARAMS, root / "params.yaml")
-    shutil.copytree(synthetic_data, root / "data/prepared/synthetic")
-    shutil.copytree(tiny_system, root / "models/base")
-    return root
+def project(make_project) -> Path:
+    return make_project("dist")
 
 
 def _grto(project: Path, processes: int, *args: str) -> subprocess.CompletedProcess:

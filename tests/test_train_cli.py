@@ -17,20 +17,15 @@ from typer.testing import CliRunner
 from grto_cli.cli import app
 from grto_cli.core.data.masks import decode_rle
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TRAIN_SMALL = ["--set", "train.queries_per_step=2", "--set", "train.sampling.group_size=4",
                "--set", "train.sampling.max_new_tokens=32", "--set", "train.eval_every=2", "--set", "train.eval_limit=2",
                "--set", "train.checkpoint_every=1", "--set", "train.micro_batch=4"]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_system, synthetic_data) -> Path:
+def project(make_project) -> Path:
     """A project directory laid out as `dvc repro` leaves it after prepare + pretrain."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copy(PARAMS, root / "params.yaml")
-    shutil.copytree(synthetic_data, root / "data/prepared/synthetic")
-    shutil.copytree(tiny_system, root / "models/base")
-    return root
+    return make_project("project")
 
 
 def _cli(args, cwd):

@@ -3,7 +3,7 @@ each part takes and how much GPU memory it peaks at. Prints one line per part an
 
     python benchmarks/real_size_step.py [--size 3b|7b] [--mode lora|full] [--method grpo|grto|b-grto]
         [--queries B] [--group-size G] [--micro-batch M] [--completion-tokens L] [--image-size S]
-        [--beta 0.0] [--gradient-checkpointing | --no-gradient-checkpointing] [--warmup N]
+        [--beta 0.0] [--gradient-checkpointing | --no-gradient-checkpointing] [--warmup N] [--warmup-tokens L]
     python benchmarks/real_size_step.py --smoke [--mode lora|full] [--beta 0.04]   # CPU, scaled down
 
 The policy is a ``Qwen2_5_VLForConditionalGeneration`` built from the 3B / 7B architecture (random
@@ -46,7 +46,8 @@ Peak GPU memory is ``torch.cuda.max_memory_allocated`` with the counter reset be
 (a part run once per micro-batch reports its largest micro-batch); the step's peak is the largest
 of them, since the parts cover the whole step. Weights, adapters and optimizer states are included.
 The first step also pays one-off costs (CUDA kernels' first launches, AdamW allocating its states):
-``--warmup 1`` runs an untimed step first. Exit codes: 0 done, 2 bad arguments or no CUDA,
+``--warmup 1`` runs an untimed step first (``--warmup-tokens 16`` makes it a short one: the one-off
+costs do not depend on the completion length). Exit codes: 0 done, 2 bad arguments or no CUDA,
 3 out of GPU memory (the JSON line then has ``"fits": false`` and the part that ran out).
 """
 
@@ -130,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--logprob-chunk", type=int, default=64, help="train.logprob_chunk (default 64)")
     ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha = 2 r; default 64)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps before the timed one (default 0)")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="completion length of the warm-up steps (default: --completion-tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, scaled down (hidden 64, 2 layers, vision depth 2, tiny SAM, 112x112 image, 16 "
@@ -145,6 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_size < 28:
         ap.error("--image-size must be at least 28 (one visual token)")
+    if args.warmup_tokens is None:
+        args.warmup_tokens = args.completion_tokens
+    if args.warmup_tokens < 1:
+        ap.error("--warmup-tokens must be at least 1")
     if args.warmup < 0 or args.beta < 0:
         ap.error("--warmup and --beta must not be negative")
     if not smoke and not torch.cuda.is_available():
@@ -183,9 +190,9 @@ def prompt_template() -> str:
         return DEFAULT_TEMPLATE
 
 
-def build_processor(image_size: int, template: str):
+def build_processor(image_size: int, template: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """A real ``Qwen2_5_VLProcessor``: Qwen2.5-VL's image processor (patch 14, merge 2, temporal 2)
-    with every image resized to image_size^2 pixels, and a byte-level BPE tokenizer trained here on
+    with every image resized to image_size^2 pixels (or to within [min_pixels, max_pixels]), and a byte-level BPE tokenizer trained here on
     the prompt itself, so that, like Qwen's 151k-token vocabulary, it spends about one token per
     word (Qwen's own tokenizer is not on disk). The chat layout is Qwen's, default system turn included."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -216,7 +223,7 @@ def build_processor(image_size: int, template: str):
     tokenizer.chat_template = chat
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=pixels, max_pixels=pixels)
+                                            min_pixels=min_pixels or pixels, max_pixels=max_pixels or pixels)
     try:
         from transformers import Qwen2VLVideoProcessor
 
@@ -227,14 +234,16 @@ def build_processor(image_size: int, template: str):
                                chat_template=chat)
 
 
-def build_policy(args, device: torch.device, dtype: torch.dtype):
+def build_policy(args, device: torch.device, dtype: torch.dtype, pixel_bounds: tuple[int, int] | None = None):
+    """The policy at ``args.size`` (or the smoke dims), random init, built on ``device`` in ``dtype``;
+    its processor resizes to ``args.image_size``^2 pixels unless ``pixel_bounds`` (min, max) are given."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from grto_cli.core.policy import Policy, family_convention, multimodal_token_ids
     from grto_cli.core.tiny import SPECIAL_TOKENS
 
     template = prompt_template()
-    processor = build_processor(args.image_size, template)
+    processor = build_processor(args.image_size, template, *(pixel_bounds or ()))
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     if args.smoke:
@@ -347,8 +356,9 @@ class Parts:
         self.current = None
 
 
-def rl_step(args, trainer, step: int, parts: Parts) -> dict:
-    """One step of ``Trainer.step``, part by part, through grto's own functions."""
+def rl_step(args, trainer, step: int, parts: Parts, tokens: int | None = None) -> dict:
+    """One step of ``Trainer.step``, part by part, through grto's own functions, with completions of
+    ``tokens`` tokens (default: the trainer's max_new_tokens)."""
     from PIL import Image
 
     from grto_cli.core.grpo import batch_normaliser, group_advantages, policy_loss
@@ -364,13 +374,14 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
 
     policy, tool, cfg = trainer.policy, trainer.tool, trainer.cfg
     G = cfg.sampling.group_size
+    tokens = tokens or cfg.sampling.max_new_tokens
     torch.manual_seed(cfg.seed * 1_000_003 + step)
     images, targets, records, parsed = make_inputs(args, step)
 
     with parts.measure("generation"):  # rollout.sample_completions, less decode + parse
         prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], [r.query for r in records])
-        gen_cfg = sampling_config(policy, cfg.sampling.max_new_tokens)
-        gen_cfg.min_new_tokens = cfg.sampling.max_new_tokens  # every completion has the full length
+        gen_cfg = sampling_config(policy, tokens)
+        gen_cfg.min_new_tokens = tokens  # every completion has the full length
         keys = row_keys([rollout_key(cfg.seed, step, g) for g in range(len(records))], G)
         sampler = GumbelSampler(keys, cfg.sampling.temperature, prompts["input_ids"].shape[1])
         was_training = policy.model.training
@@ -399,7 +410,7 @@ def rl_step(args, trainer, step: int, parts: Parts) -> dict:
     if cfg.beta > 0:
         with parts.measure("reference"):
             ref_logp = trainer.reference_logprobs(batch)
-    normaliser = batch_normaliser(mask, cfg.loss_mode, cfg.sampling.max_new_tokens)
+    normaliser = batch_normaliser(mask, cfg.loss_mode, tokens)
     total_tokens = max(float(mask.sum()), 1.0)
     with parts.measure("policy_optimizer"):
         trainer.policy_opt.zero_grad()
@@ -460,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                     "policy_dtype": str(dtype).removeprefix("torch."), "queries": args.queries,
                     "group_size": args.group_size, "rollouts": args.queries * args.group_size,
                     "micro_batch": args.micro_batch, "gradient_checkpointing": args.gradient_checkpointing,
-                    "beta": args.beta, "image_size": args.image_size, "warmup_steps": args.warmup}
+                    "beta": args.beta, "image_size": args.image_size, "warmup_steps": args.warmup,
+                    "warmup_tokens": args.warmup_tokens}
     print(f"{label}: mode={args.mode} method={args.method} B={args.queries} G={args.group_size} "
           f"micro_batch={args.micro_batch} checkpointing={args.gradient_checkpointing} beta={args.beta} "
           f"dtype={result['policy_dtype']} device={result['device']}", flush=True)
@@ -482,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in range(args.warmup):
             phase = f"warmup step {w + 1}"
             active = Parts(cuda)
-            rl_step(args, trainer, w, active)
+            rl_step(args, trainer, w, active, args.warmup_tokens)
         phase, active = "timed step", parts
         info = rl_step(args, trainer, args.warmup, parts)
     except torch.cuda.OutOfMemoryError as exc:

@@ -14,14 +14,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SIZE_STEP = ROOT / "benchmarks" / "real_size_step.py"
+REAL_PIPELINE_STEP = ROOT / "benchmarks" / "real_pipeline_step.py"
+GENERATION_PROFILE = ROOT / "benchmarks" / "generation_profile.py"
 PARTS = ("generation", "sam_encode", "sam_decode", "reference", "policy_forward", "policy_backward",
          "policy_optimizer", "tool_step")
 
 
-def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float, script: Path = REAL_SIZE_STEP) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "2")
-    return subprocess.run([sys.executable, str(REAL_SIZE_STEP), *args], check=False, cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(script), *args], check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -75,3 +77,20 @@ def test_real_size_step_3b_lora_on_gpu() -> None:
         if part not in result["skipped"]:
             assert result["peak_gpu_mem_gib"][part] > 0, part
     assert result["peak_gpu_mem_gib_step"] > 0
+
+
+def test_real_pipeline_step_smoke(tmp_path) -> None:
+    """The template's own prepare and train commands run on the checkpoints and raw data the script
+    writes, with params.yaml changed only where it says."""
+    result = _result(_run("--project", str(tmp_path / "project"), "--smoke", timeout=600, script=REAL_PIPELINE_STEP))
+    assert result["ok"] is True and list(result["stages"]) == ["prepare_reasonseg", "train"]
+    assert all(stage["returncode"] == 0 for stage in result["stages"].values())
+    assert result["params_changed"]["train.steps"] == 1 and result["params_changed"]["train.method"] == "grto"
+    assert result["train_step"]["step_seconds"] is not None and result["train_step"]["completion_tokens"] == 8
+    assert (tmp_path / "project/models/reasonseg/trained/policy").is_dir()
+
+
+def test_generation_profile_smoke() -> None:
+    result = _result(_run("--smoke", timeout=300, script=GENERATION_PROFILE))
+    assert set(result["ms_per_token"]) == {"greedy", "gumbel", "lora", "lora_ckpt"}
+    assert all(isinstance(v, float) for v in result["ms_per_token"].values()) and result["rows"] == 32

@@ -80,7 +80,8 @@ def test_two_processes_train_what_one_does_and_resume(project):
     # Every logged curve agrees step by step: the same rollouts (exactly), and the same losses and
     # gradient norm (to float rounding): a normaliser off by the process count shows in grad_norm,
     # which AdamW's scale invariance would hide from the weights.
-    curves = sorted((project / "live1/plots/metrics").rglob("*.tsv"))
+    # (perf/: wall clock and memory, which no two runs share)
+    curves = sorted(c for c in (project / "live1/plots/metrics").rglob("*.tsv") if c.parent.name != "perf")
     assert len(curves) > 10
     for one_curve in curves:
         two_curve = project / "live2" / one_curve.relative_to(project / "live1")
@@ -90,13 +91,13 @@ def test_two_processes_train_what_one_does_and_resume(project):
             assert x[step] == pytest.approx(y[step], rel=1e-3, abs=1e-6), (one_curve.name, step, x[step], y[step])
         if one_curve.parent.name == "rollout":
             assert x == y, one_curve  # the very same completions and calls
+    # One set of curves and one output, written by the main process.
+    assert (project / "out2/policy").is_dir() and (project / "live2").is_dir()
 
 
 def _curve(path: Path) -> dict[int, float]:
     rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
     return {int(step): float(value) for step, value in rows}
-    # One set of curves and one output, written by the main process.
-    assert (project / "out2/policy").is_dir() and (project / "live2").is_dir()
 
 
 @pytest.mark.slow
@@ -195,3 +196,32 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused():
     with pytest.raises(ValueError, match="multiple of 2"):
         second.block(7, "queries per step (train.queries_per_step)")
     assert list(Processes().in_order(3, lambda i: i * 10)) == [0, 10, 20]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_gpu_accelerate_launch_trains_on_cuda_as_plain_grto_does(project):
+    """The shipped one_gpu.yaml on a GPU: the same run as a plain `grto train` there (the same
+    rollouts; losses to rounding), on CUDA (a peak GPU memory is logged), with its checkpoint."""
+    config = Path(__file__).resolve().parents[1] / "grto_cli/configs/accelerate/one_gpu.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    runs = {}
+    for name, launcher in (("plain", [sys.executable, "-m", "grto_cli"]),
+                           ("accelerate", [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                           str(config), "-m", "grto_cli"])):
+        out = subprocess.run([*launcher, "train", "--set", "train.steps=2", *SMALL,
+                              "--set", f"train.checkpoints={project / ('gpu_ck_' + name)}",
+                              "--set", f"train.out={project / ('gpu_out_' + name)}",
+                              "--set", f"train.live={project / ('gpu_live_' + name)}"],
+                             cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+        runs[name] = project / f"gpu_live_{name}/plots/metrics"
+    for run in runs.values():
+        peak = _curve(run / "perf/peak_gpu_mem_gib.tsv")
+        assert peak.keys() == {1, 2} and min(peak.values()) > 0  # the steps ran on the GPU
+    # Step 1 samples from the same weights with the same keys; later steps start from weights that
+    # CUDA's non-deterministic kernels (attention's backward) may have moved by a rounding error.
+    for curve in sorted((runs["plain"] / "rollout").glob("*.tsv")):
+        assert _curve(curve)[1] == _curve(runs["accelerate"] / "rollout" / curve.name)[1], curve.name
+    loss = _curve(runs["plain"] / "loss/total.tsv")[1]
+    assert loss == pytest.approx(_curve(runs["accelerate"] / "loss/total.tsv")[1], rel=1e-3, abs=1e-6)
+    assert (_last(project / "gpu_ck_accelerate") / "state.json").is_file()

@@ -26,7 +26,8 @@ PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 # Names of the metrics logged per step (dvclive, run records, docs), namespaced by what they measure.
 # rollout/: the sampled rollouts of a step; loss/: the policy objective; policy/, tool/: updates of
-# each part; val/: the validation split during training; sft/: the embedded default's warm-up.
+# each part; val/: the validation split during training; sft/: the embedded default's warm-up;
+# perf/: cost of a step (wall clock and memory: they vary from run to run, unlike every other curve).
 ROLLOUT_REWARD_MEAN = "rollout/reward_mean"
 ROLLOUT_REWARD_STD = "rollout/reward_std"
 ROLLOUT_FORMAT_RATE = "rollout/format_rate"
@@ -53,6 +54,9 @@ VAL_DISTINCT_CALLS = "val/distinct_calls"  # distinct calls / queries
 VAL_PROMPT_ADHERENCE = "val/prompt_adherence"
 VAL_ORACLE_GIOU = "val/oracle_giou"
 SFT_LOSS = "sft/loss"
+PERF_STEP_SECONDS = "perf/step_seconds"  # wall clock of one RL step (rollouts, policy update, tool update)
+PERF_ROLLOUTS_PER_SECOND = "perf/rollouts_per_second"  # the global batch's rollouts over the step's seconds
+PERF_PEAK_GPU_MEM_GIB = "perf/peak_gpu_mem_gib"  # CUDA only: the main process's peak allocated memory in the step
 
 
 def box_iou(box: Sequence[float], target_box: Sequence[float]) -> float:

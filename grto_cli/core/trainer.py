@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,8 @@ from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advant
 from grto_cli.core.grto import TOOL_WEIGHTINGS, freeze_image_encoder, rollout_weights, tool_loss_terms, tool_optimizer
 from grto_cli.core.inference import predict_records
 from grto_cli.core.io import atomic_dir
-from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
+from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, PERF_PEAK_GPU_MEM_GIB, PERF_ROLLOUTS_PER_SECOND,
+                                   PERF_STEP_SECONDS, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
                                    ROLLOUT_COMPLETION_TOKENS, ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE,
                                    ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
                                    ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_IOU, VAL_CIOU,
@@ -265,6 +267,10 @@ class Trainer:
 
     def step(self) -> dict:
         step = self.state.step
+        started = time.perf_counter()
+        cuda = self.tool.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.tool.device)
         torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # any other randomness (dropout) is (seed, step)'s
         batch = self.rollouts(step)
         advantages, _ = group_advantages(batch.rewards.total, batch.group_size, self.cfg.scale_by_std)  # (n,)
@@ -272,6 +278,11 @@ class Trainer:
         metrics.update(self.policy_update(batch, advantages))
         metrics.update(self.tool_update(batch, advantages))
         self.state.step += 1
+        seconds = time.perf_counter() - started
+        metrics[PERF_STEP_SECONDS] = seconds
+        metrics[PERF_ROLLOUTS_PER_SECOND] = self.cfg.queries_per_step * self.cfg.sampling.group_size / seconds
+        if cuda:
+            metrics[PERF_PEAK_GPU_MEM_GIB] = torch.cuda.max_memory_allocated(self.tool.device) / 1024 ** 3
         return metrics
 
     def rollout_metrics(self, batch: RolloutBatch) -> dict:

@@ -193,7 +193,7 @@ class PolicyParams:
     coord_convention: str | None = None  # None: by model family (absolute for Qwen2.5-VL)
     trust_remote_code: bool = False
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (train: float32 for a full fine-tune)
     # Bounds on an image's area after the processor's resize (Qwen: one visual token per 28x28
     # pixels); null keeps the checkpoint's processor config (Qwen2.5-VL: up to ~16k tokens).
     min_pixels: int | None = None

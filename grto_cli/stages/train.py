@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from grto_cli.core.checkpoint import TOOL_DIR, RunDir, copy_system, input_fingerprint, system_paths
@@ -55,6 +55,22 @@ def _initial_tool(cfg: TrainConfig) -> str | None:
     return str(path)
 
 
+def training_policy_params(pol: PolicyParams, rl) -> PolicyParams:
+    """``policy.dtype: auto`` for training: a full fine-tune (``train.lora: null``) trains float32
+    weights on any device (the trainer refuses AdamW on bf16 weights, whose small updates round
+    away); LoRA keeps auto's choice (bf16 base on CUDA, float32 adapters).
+
+    >>> from grto_cli.core.trainer import LoraParams, RLConfig
+    >>> training_policy_params(PolicyParams(dtype="auto", device="cuda"), RLConfig(lora=None)).dtype
+    'float32'
+    >>> training_policy_params(PolicyParams(dtype="auto", device="cuda"), RLConfig(lora=LoraParams())).dtype
+    'auto'
+    """
+    if pol.dtype == "auto" and rl.lora is None:
+        return replace(pol, dtype="float32")
+    return pol
+
+
 def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path | None]) -> dict:
     """What must match for a checkpoint to be resumed: the algorithm, the policy settings that
     change what is trained, and the contents of every input. Never output paths or cadences."""
@@ -62,13 +78,13 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
             "policy": {"prompt_template": pol.prompt_template, "require_think": pol.require_think,
                        "coord_convention": pol.coord_convention, "min_pixels": pol.min_pixels,
                        "max_pixels": pol.max_pixels,
-                       "dtype": pick_dtype(pol.dtype, pick_device(pol.device))},
+                       "dtype": pick_dtype(pol.dtype, pick_device(pol.device))},  # (run() resolves auto first)
             "inputs": {name: input_fingerprint(p) for name, p in inputs.items()}}
 
 
 def run(params: str | None, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
     cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)  # validated: nothing loaded yet
-    pol_cfg = policy_params(params, overrides)
+    pol_cfg = training_policy_params(policy_params(params, overrides), cfg.rl)
     tool_cfg = tool_params(params, overrides)
     set_threads()
     quiet_transformers()

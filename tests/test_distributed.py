@@ -18,7 +18,7 @@ from grto_cli.core.distributed import Processes
 SMALL = ["--set", "train.queries_per_step=4", "--set", "train.sampling.group_size=4",
          "--set", "train.sampling.max_new_tokens=24", "--set", "train.eval_every=2", "--set", "train.eval_limit=6",
          "--set", "train.eval_batch_size=2", "--set", "train.checkpoint_every=2", "--set", "train.micro_batch=4",
-         "--set", "train.method=grto"]
+         "--set", "train.method=grto", "--set", "train.beta=0.04"]  # beta: the reference pass runs too
 # float32: the processes' batches are padded differently, so sums round differently, and AdamW's
 # m / sqrt(v) magnifies that where a gradient is near 0 (measured: 1.3e-5 after 3 steps of ~3e-4).
 TOLERANCE = 5e-5
@@ -58,33 +58,50 @@ def _last(checkpoints: Path) -> Path:
     return run / "last"
 
 
-@pytest.mark.slow
-def test_two_processes_train_what_one_does_and_resume(project):
-    one, two = project / "ck1", project / "ck2"
-    _grto(project, 1, "train", "--set", "train.steps=3", "--set", f"train.checkpoints={one}",
+@pytest.fixture(scope="module")
+def one_process_run(project) -> Path:
+    """A plain one-process run of 3 steps (checkpoints in ck1, curves in live1)."""
+    _grto(project, 1, "train", "--set", "train.steps=3", "--set", f"train.checkpoints={project / 'ck1'}",
           "--set", f"train.out={project / 'out1'}", "--set", f"train.live={project / 'live1'}", *SMALL)
+    return project / "ck1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_processes_train_what_one_does_and_resume(project, one_process_run, sharding):
+    """DDP (a whole policy per process) and FSDP (the full fine-tune's weights, gradients and AdamW
+    states sharded over the processes) both train what one process does, and resume."""
+    two, out, live = project / f"ck2_{sharding}", project / f"out2_{sharding}", project / f"live2_{sharding}"
     # Two processes, stopped after the checkpoint at step 2, then resumed (still two) to step 3.
-    common = ["--set", f"train.checkpoints={two}", "--set", f"train.out={project / 'out2'}",
-              "--set", f"train.live={project / 'live2'}", *SMALL]
-    _grto(project, 2, "train", "--set", "train.steps=2", *common)
+    common = ["--set", f"train.checkpoints={two}", "--set", f"train.out={out}", "--set", f"train.live={live}",
+              "--set", f"train.sharding={sharding}", *SMALL]
+    first = _grto(project, 2, "train", "--set", "train.steps=2", *common)
+    said = " ".join((first.stdout + first.stderr).split())  # (the console wraps long lines)
+    assert ("policy sharded (FSDP: 50% of its weights on this process)" in said) == (sharding == "fsdp")
     assert json.loads((_last(two) / "state.json").read_text())["state"]["world_size"] == 2
     _grto(project, 2, "train", "--set", "train.steps=3", *common)
-    assert json.loads((project / "out2/train_state.json").read_text())["resumed_from"] == 2
-    a, b = _weights(_last(one)), _weights(_last(two))
+    assert json.loads((out / "train_state.json").read_text())["resumed_from"] == 2
+    a, b = _weights(_last(one_process_run)), _weights(_last(two))
     base = _weights(project / "models/base")
     assert a.keys() == b.keys()
     moved = max((a[k] - base[k]).abs().max().item() for k in base if k in a)
     assert moved > 1e-4  # the runs really trained (AdamW: about lr 3e-4 per step)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff < TOLERANCE, f"2-process weights differ from 1-process by {diff}"
+    # The AdamW states were saved whole (a sharded run's too): the same as one process's.
+    opt_a = torch.load(_last(one_process_run) / "optim.pt", weights_only=True)["policy"]["state"]
+    opt_b = torch.load(_last(two) / "optim.pt", weights_only=True)["policy"]["state"]
+    exp_avg = lambda states: sorted(float(v["exp_avg"].abs().sum()) for v in states.values())  # noqa: E731
+    assert len(opt_a) == len(opt_b) and exp_avg(opt_a) == pytest.approx(exp_avg(opt_b), rel=1e-3, abs=1e-6)
     # Every logged curve agrees step by step: the same rollouts (exactly), and the same losses and
     # gradient norm (to float rounding): a normaliser off by the process count shows in grad_norm,
     # which AdamW's scale invariance would hide from the weights.
     # (perf/: wall clock and memory, which no two runs share)
-    curves = sorted(c for c in (project / "live1/plots/metrics").rglob("*.tsv") if c.parent.name != "perf")
+    live1 = project / "live1"
+    curves = sorted(c for c in (live1 / "plots/metrics").rglob("*.tsv") if c.parent.name != "perf")
     assert len(curves) > 10
     for one_curve in curves:
-        two_curve = project / "live2" / one_curve.relative_to(project / "live1")
+        two_curve = live / one_curve.relative_to(live1)
         x, y = _curve(one_curve), _curve(two_curve)
         assert x.keys() == y.keys() == {1, 2, 3} or x.keys() == y.keys() == {0, 2, 3}, one_curve
         for step in x:
@@ -92,7 +109,7 @@ def test_two_processes_train_what_one_does_and_resume(project):
         if one_curve.parent.name == "rollout":
             assert x == y, one_curve  # the very same completions and calls
     # One set of curves and one output, written by the main process.
-    assert (project / "out2/policy").is_dir() and (project / "live2").is_dir()
+    assert (out / "policy").is_dir() and live.is_dir()
 
 
 def _curve(path: Path) -> dict[int, float]:
@@ -174,7 +191,7 @@ def test_unsupported_engines_and_accelerate_mixed_precision_are_refused():
     from grto_cli.core.distributed import check_supported
 
     for engine in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
-        with pytest.raises(ValueError, match="not supported yet"):
+        with pytest.raises(ValueError, match="train.sharding: fsdp"):
             check_supported(engine, "no")
     with pytest.raises(ValueError, match="mixed_precision no"):
         check_supported("DistributedType.MULTI_GPU", "bf16")

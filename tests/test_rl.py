@@ -133,7 +133,7 @@ def test_old_logprobs_equal_the_first_epochs_own(tiny_system, synthetic_data):
     sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
     trainer = _trainer(tiny_system, synthetic_data, "grpo", mu=2, sampling=sampling)
     batch = trainer.rollouts(0)
-    old = trainer._logprobs_no_grad(trainer.policy.model, batch)
+    old = trainer._logprobs_no_grad(trainer.policy_pass, batch)
     trainer.policy_opt.zero_grad()
     stats = trainer.accumulate_policy_gradients(batch, torch.linspace(-1, 1, 8), old, None)
     assert stats[LOSS_RATIO_MEAN] == pytest.approx(1.0, abs=1e-5)
@@ -173,7 +173,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, sy
         expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, T,
                                        rows=batch.prompt_rows(slice(None)))
     reference = trainer.reference_logprobs(batch)
-    current = trainer._logprobs_no_grad(trainer.policy.model, batch)
+    current = trainer._logprobs_no_grad(trainer.policy_pass, batch)
     assert not torch.allclose(current, expected, atol=1e-3), "the adapters should have moved the policy"
     assert torch.allclose(reference, expected, atol=1e-5)
 

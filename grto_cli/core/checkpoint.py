@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,13 +75,15 @@ def load_system(paths: SystemPaths, prompt_template: str, device: str = "cpu", d
     return policy, SamTool(sam, arch, embedding_cache, encode_batch)
 
 
-def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False) -> None:
+def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False,
+                state: dict[str, torch.Tensor] | None = None) -> None:
     """``<system>/policy``: the model (a LoRA model saves its adapter, which ``load_policy`` puts back
-    on its base; ``merge_lora`` folds the adapters in and saves a plain model) + the processor."""
+    on its base; ``merge_lora`` folds the adapters in and saves a plain model) + the processor.
+    ``state``: the model's whole state dict, where its parameters are sharded (``sharding.py``)."""
     model = policy.model
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(Path(system) / POLICY_DIR)
+    model.save_pretrained(Path(system) / POLICY_DIR, **({"state_dict": state} if state is not None else {}))
     policy.processor.save_pretrained(Path(system) / POLICY_DIR)
 
 
@@ -88,9 +91,10 @@ def save_tool(tool: SamTool, system: str | Path) -> None:
     save_sam(tool.sam, tool.arch, Path(system) / TOOL_DIR)
 
 
-def save_system(policy: Policy, tool: SamTool, system: str | Path, merge_lora: bool = False) -> None:
+def save_system(policy: Policy, tool: SamTool, system: str | Path, merge_lora: bool = False,
+                policy_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write into ``system`` (callers make it atomic with ``io.atomic_dir``)."""
-    save_policy(policy, system, merge_lora)
+    save_policy(policy, system, merge_lora, policy_state)
     save_tool(tool, system)
 
 
@@ -100,8 +104,10 @@ def copy_system(source: str | Path, system: str | Path) -> None:
         shutil.copytree(Path(source) / part, Path(system) / part)
 
 
-def load_system_weights(policy: Policy, tool: SamTool, system: str | Path) -> None:
-    """Load a saved system's weights into an already built policy + tool (in place)."""
+def load_system_weights(policy: Policy, tool: SamTool, system: str | Path,
+                        load_policy_state: Callable[[dict], None] | None = None) -> None:
+    """Load a saved system's weights into an already built policy + tool (in place);
+    ``load_policy_state(state)`` puts a whole model state dict into a sharded policy."""
     system = Path(system)
     sam, _ = load_sam(system / TOOL_DIR)
     tool.sam.load_state_dict(sam.state_dict())
@@ -116,7 +122,7 @@ def load_system_weights(policy: Policy, tool: SamTool, system: str | Path) -> No
 
     loaded = AutoModelForImageTextToText.from_pretrained(str(system / POLICY_DIR),
                                                          dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict())
+    (load_policy_state or model.load_state_dict)(loaded.state_dict())
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -185,11 +191,15 @@ class RunDir:
 
 
 def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict[str, torch.optim.Optimizer | None],
-                state: dict) -> None:
-    """Everything a killed run needs to go on (system, optimisers, RNG states, loop state), swapped in atomically."""
+                state: dict, policy_state: dict[str, torch.Tensor] | None = None,
+                optimizer_states: dict[str, dict] | None = None) -> None:
+    """Everything a killed run needs to go on (system, optimisers, RNG states, loop state), swapped in
+    atomically. ``policy_state`` / ``optimizer_states``: whole states gathered from shards."""
+    optimizer_states = optimizer_states or {}
     with atomic_dir(directory) as tmp:
-        save_system(policy, tool, tmp)
-        torch.save({name: opt.state_dict() if opt is not None else None for name, opt in optimizers.items()},
+        save_system(policy, tool, tmp, policy_state=policy_state)
+        torch.save({name: optimizer_states[name] if name in optimizer_states
+                    else opt.state_dict() if opt is not None else None for name, opt in optimizers.items()},
                    tmp / "optim.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         write_json(tmp / "rng.json", {"numpy": _jsonable(np.random.get_state()), "python": _jsonable(random.getstate())})
@@ -197,13 +207,17 @@ def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict
 
 
 def load_resume(directory: Path, policy: Policy, tool: SamTool,
-                optimizers: dict[str, torch.optim.Optimizer | None]) -> dict:
-    """Restore what ``save_resume`` wrote, in place; returns the loop state."""
-    load_system_weights(policy, tool, directory)
+                optimizers: dict[str, torch.optim.Optimizer | None],
+                load_policy_state: Callable[[dict], None] | None = None,
+                optimizer_loaders: dict[str, Callable[[dict], None]] | None = None) -> dict:
+    """Restore what ``save_resume`` wrote, in place; returns the loop state. The loaders put whole
+    states into sharded parameters and optimisers (by name)."""
+    load_system_weights(policy, tool, directory, load_policy_state)
     saved = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
+    loaders = optimizer_loaders or {}
     for name, opt in optimizers.items():
         if opt is not None and saved.get(name) is not None:
-            opt.load_state_dict(saved[name])
+            (loaders.get(name) or opt.load_state_dict)(saved[name])
     torch.set_rng_state(torch.load(directory / "rng.pt", weights_only=True)["torch"])
     rng = json.loads((directory / "rng.json").read_text())
     np.random.set_state(_unjson_numpy(rng["numpy"]))

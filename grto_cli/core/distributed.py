@@ -27,12 +27,12 @@ def check_supported(engine: str, mixed_precision: str) -> None:
     >>> check_supported("DistributedType.FSDP", "no")
     Traceback (most recent call last):
     ...
-    ValueError: accelerate's DistributedType.FSDP is not supported yet: grto runs DDP (configs/accelerate/ddp.yaml), one whole policy per process; use LoRA (train.lora) where a full fine-tune does not fit one GPU
+    ValueError: accelerate's DistributedType.FSDP is not used by grto: launch with configs/accelerate/ddp.yaml; to shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp (grto applies FSDP2 itself)
     """
     if engine not in SUPPORTED_ENGINES:
-        raise ValueError(f"accelerate's {engine} is not supported yet: grto runs DDP (configs/accelerate/ddp.yaml), "
-                         f"one whole policy per process; use LoRA (train.lora) where a full fine-tune does not fit "
-                         f"one GPU")
+        raise ValueError(f"accelerate's {engine} is not used by grto: launch with configs/accelerate/ddp.yaml; to "
+                         f"shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp (grto applies "
+                         f"FSDP2 itself)")
     if mixed_precision not in ("no", "MixedPrecisionType.NO"):
         raise ValueError(f"accelerate's mixed precision ({mixed_precision}) would change the math behind grto's "
                          f"back: launch with --mixed_precision no and set policy.dtype")
@@ -45,6 +45,8 @@ class Processes:
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world_size = accelerator.num_processes if accelerator else 1
+        # Every process must run every unit's policy forwards (the policy is sharded: sharding.py).
+        self.lockstep = False
 
     @classmethod
     def from_environment(cls, cpu: bool = False) -> "Processes":
@@ -79,10 +81,13 @@ class Processes:
     def in_order(self, n: int, work: Callable[[int], Any]) -> Iterator[Any]:
         """``work(0), ..., work(n - 1)``, yielded in that order on every process, computed by turns:
         unit i runs on process i % world_size, and each round's results are gathered before they
-        are yielded (so results stream; a round holds world_size units in memory)."""
+        are yielded (so results stream; a round holds world_size units in memory). In lockstep, a
+        process without a unit in the last round runs the last unit again and drops the result."""
         for start in range(0, n, self.world_size):
             i = start + self.rank
             mine = work(i) if i < n else None
+            if i >= n and self.lockstep:
+                work(n - 1)
             if not self.distributed:
                 yield mine
                 continue
@@ -134,7 +139,11 @@ class Processes:
         return self.accelerator.prepare_model(module, device_placement=False)
 
     def no_sync(self, module: torch.nn.Module):
-        """Accumulate gradients locally (no all-reduce) inside this block."""
+        """Accumulate gradients locally (no all-reduce or reduce-scatter) inside this block."""
+        if self.distributed and hasattr(module, "set_requires_gradient_sync"):  # FSDP2 (sharding.py)
+            from grto_cli.core.sharding import no_gradient_sync
+
+            return no_gradient_sync(module)
         if not self.distributed or not hasattr(module, "no_sync"):
             return contextlib.nullcontext()
         return module.no_sync()

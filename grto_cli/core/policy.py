@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
+from grto_cli.core.sharding import gathered
 
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
 # image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
@@ -36,6 +37,9 @@ class Policy:
     coord_convention: str
     prompt_template: str
     suppressed_ids: tuple[int, ...] = ()  # never sampled (MULTIMODAL_TOKEN_KEYS of the model's config)
+    # Under train.sharding: fsdp, the FSDP root around the model (sharding.py): generation gathers
+    # its weights and runs in lockstep with the other processes.
+    sharded_root: torch.nn.Module | None = None
 
     @property
     def tokenizer(self):
@@ -250,7 +254,10 @@ def generate(policy: Policy, batch: dict, config: GenerationConfig,
     """Completions for an already-expanded prompt batch: (completion_ids, completion_mask); greedy,
     or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores."""
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
-    out = policy.model.generate(**batch, generation_config=config, **extra)
+    if policy.sharded_root is not None:  # every process steps until every process's rows have ended
+        extra["synced_gpus"] = True
+    with gathered(policy.sharded_root):
+        out = policy.model.generate(**batch, generation_config=config, **extra)
     completion = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)
     # Tokens after the first EOS are padding by construction; make them the pad id everywhere.

@@ -13,8 +13,10 @@ Over N processes (``distributed.Processes``) the math is one process's: each tak
 block of whole groups from the same global draw, a group's sampling noise is keyed by (seed, step,
 group) alone, the loss normalisers and logged statistics are sums over the global batch, and the
 gradients are summed by DDP (each process's loss is its share of the global loss, times N, since
-DDP averages). Val predictions are spread over the processes and gathered; only the main process
-writes checkpoints and the best system.
+DDP averages), or, for a full fine-tune under ``memory.sharding == "fsdp"``, reduce-scattered by
+FSDP2 over a policy whose weights and AdamW states are split across the processes (sharding.py).
+Val predictions are spread over the processes and gathered; only the main process writes
+checkpoints and the best system.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
 from grto_cli.core.sampling import rollout_key
+from grto_cli.core.sharding import (SHARDINGS, full_model_state, full_optimizer_state, load_full_model_state,
+                                    load_full_optimizer_state, shard)
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
 SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
@@ -116,6 +120,12 @@ class MemoryParams:
 
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the policy
     logprob_chunk: int = LOGPROB_CHUNK  # completion tokens whose full-vocabulary logits exist at once
+    # none: a whole policy per process (DDP); fsdp: a full fine-tune's weights, gradients and AdamW
+    # states split over the processes (sharding.py)
+    sharding: str = "none"
+
+    def validate(self) -> None:
+        check_choice("sharding", self.sharding, SHARDINGS)
 
 
 @dataclass
@@ -162,6 +172,11 @@ class Trainer:
         self.processes = processes or Processes()
         self.local = self.processes.block(cfg.queries_per_step, "queries per step (train.queries_per_step)")
         self.memory = memory or MemoryParams()
+        self.memory.validate()
+        self.sharded = self.memory.sharding == "fsdp"
+        if self.sharded and (cfg.lora is not None or not self.processes.distributed):
+            raise ValueError("train.sharding: fsdp shards a full fine-tune (train.lora: null) over several processes "
+                             "(accelerate launch --num_processes N); LoRA and a lone process use sharding: none")
         self.train_records, self.val_records, self.root = train_records, val_records, root
         self.require_think = require_think
         self.state = TrainState()
@@ -171,16 +186,24 @@ class Trainer:
             self._wrap_lora(cfg.lora)
         else:
             self._prepare_full_finetune()
-        self.reference = self._reference_model() if cfg.beta > 0 else None
+        reference = self._reference_model() if cfg.beta > 0 else None
         self.train_tool = cfg.method in ("grto", "b-grto")
         freeze_image_encoder(tool)
         if not self.train_tool:
             tool.sam.requires_grad_(False)
+        # The passes whose gradients are summed over processes (the modules themselves when alone):
+        # DDP, or FSDP's shards (the optimiser is built on the sharded parameters, so after this).
+        if self.sharded:
+            self.policy_pass = shard(PolicyLogprobs(policy.model), policy.model, vision_tower(policy.model))
+            self.reference = shard(PolicyLogprobs(reference), reference, vision_tower(reference)) if reference else None
+            policy.sharded_root = self.policy_pass
+            self.processes.lockstep = True
+        else:
+            self.policy_pass = self.processes.wrap(PolicyLogprobs(policy.model))
+            self.reference = PolicyLogprobs(reference) if reference is not None else None
         self.policy_opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
                                             lr=cfg.policy_lr, weight_decay=0.0)
         self.tool_opt = tool_optimizer(tool, cfg.tool_lr) if self.train_tool else None
-        # The passes whose gradients are summed over processes (the modules themselves when alone).
-        self.policy_pass = self.processes.wrap(PolicyLogprobs(policy.model))
         self.tool_pass = self.processes.wrap(ToolLossTerms(tool)) if self.train_tool else None
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -258,9 +281,10 @@ class Trainer:
         log(self.state.step, val)
         if self.state.best_val_giou is None or val[VAL_GIOU] > self.state.best_val_giou:
             self.state.best_val_giou, self.state.best_step = val[VAL_GIOU], self.state.step
+            policy_state = full_model_state(self.policy_pass) if self.sharded else None  # every process
             if self.processes.is_main:
                 with atomic_dir(run.best) as tmp:
-                    save_system(self.policy, self.tool, tmp)
+                    save_system(self.policy, self.tool, tmp, policy_state=policy_state)
         return val
 
     # -- one step ------------------------------------------------------------------------------
@@ -328,9 +352,13 @@ class Trainer:
                                 self.memory.logprob_chunk)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model, batch: RolloutBatch) -> torch.Tensor:
+    def _logprobs_no_grad(self, logprob_pass: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """Log-probs (N, L) of every rollout through a ``PolicyLogprobs`` (possibly DDP-wrapped or
+        sharded: a sharded model is only run through its root), micro-batch by micro-batch."""
         n, mb = batch.completion_ids.shape[0], self.cfg.micro_batch
-        return torch.cat([self.logprobs(model, batch, slice(s, s + mb)) for s in range(0, n, mb)])  # (N, L)
+        return torch.cat([logprob_pass(batch, slice(s, s + mb), self.cfg.sampling.temperature,
+                                       self.policy.suppressed_ids, self.memory.logprob_chunk)
+                          for s in range(0, n, mb)])  # (N, L)
 
     def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         if self.cfg.beta == 0:
@@ -338,7 +366,7 @@ class Trainer:
         if self.reference is not None:
             return self._logprobs_no_grad(self.reference, batch)
         with self.policy.model.disable_adapter():
-            return self._logprobs_no_grad(self.policy.model, batch)
+            return self._logprobs_no_grad(self.policy_pass, batch)
 
     def policy_update(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict:
         cfg = self.cfg
@@ -346,7 +374,7 @@ class Trainer:
         model.train()
         # The sampling policy's log-probs: with mu == 1 the first (only) epoch's own log-probs,
         # detached, are exactly these, so the extra forward pass is skipped.
-        old_logp = self._logprobs_no_grad(model, batch) if cfg.mu > 1 else None
+        old_logp = self._logprobs_no_grad(self.policy_pass, batch) if cfg.mu > 1 else None
         ref_logp = self.reference_logprobs(batch)
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
@@ -435,12 +463,22 @@ class Trainer:
     def save_checkpoint(self, directory: Path) -> None:
         """The main process writes; every process holds the same weights and optimiser state."""
         self.state.world_size = self.processes.world_size
+        policy_state, optimizer_states = None, None
+        if self.sharded:  # gathered by every process, written by the main one
+            policy_state = full_model_state(self.policy_pass)
+            optimizer_states = {"policy": full_optimizer_state(self.policy_pass, self.policy_opt)}
         if self.processes.is_main:
-            save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)})
+            save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)},
+                        policy_state, optimizer_states)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Every process loads the same checkpoint. A run may resume on another number of processes:
         the batches and sampling noise are functions of (seed, step), not of the process layout."""
-        saved = load_resume(directory, self.policy, self.tool, self._optimizers())
+        loaders = {}
+        if self.sharded:
+            loaders = {"load_policy_state": lambda state: load_full_model_state(self.policy_pass, state),
+                       "optimizer_loaders": {"policy": lambda state: load_full_optimizer_state(
+                           self.policy_pass, self.policy_opt, state)}}
+        saved = load_resume(directory, self.policy, self.tool, self._optimizers(), **loaders)
         self.state = TrainState(**saved["state"])
         self.state.resumed_from = self.state.step

@@ -130,3 +130,19 @@ def test_each_process_takes_its_share_of_the_cpu(monkeypatch):
     for unset in ("", "0", "many"):
         monkeypatch.setenv("OMP_NUM_THREADS", unset)
         assert cpu_threads() == len(os.sched_getaffinity(0)) >= 1
+
+
+def test_progress_prints_plain_lines_where_no_terminal_draws_the_bar(monkeypatch):
+    """A job's log (DVC, a batch system, `> log`) gets no live bar: it gets a line after the first
+    update, then at most one per interval, and one at the end."""
+    from grto_cli.stages import common
+
+    monkeypatch.setattr(common.console, "_force_terminal", False)
+    now = [0.0]
+    with common.console.capture() as captured:
+        with common.progress_bar("train grpo", 5, log_every=30.0, clock=lambda: now[0]) as advance:
+            for t in (1.0, 10.0, 35.0, 40.0, 41.0):  # lines at 1 (first), 35 (30 s later) and 41 (last)
+                now[0] = t
+                advance(1, info=f"reward {t:.0f}")
+    lines = [line for line in captured.get().splitlines() if line.startswith("train grpo ") and "/5," in line]
+    assert lines == ["train grpo 1/5, 1 s, reward 1", "train grpo 3/5, 35 s, reward 35", "train grpo 5/5, 41 s, reward 41"]

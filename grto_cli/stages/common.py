@@ -7,6 +7,7 @@ import dataclasses
 import os
 import platform
 import sys
+import time
 import types
 import typing
 from contextlib import contextmanager
@@ -289,11 +290,20 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+LOG_EVERY_S = 30.0  # where the console is no terminal (a log file, DVC, a batch job): a line this often
+
+
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[typing.Callable[[int], None]]:
-    """A rich progress bar; yields ``advance(n, info)`` (``completed=k`` sets the count instead)."""
+def progress_bar(description: str, total: int, log_every: float = LOG_EVERY_S,
+                 clock: typing.Callable[[], float] = time.monotonic) -> Iterator[typing.Callable[[int], None]]:
+    """A rich progress bar; yields ``advance(n, info)`` (``completed=k`` sets the count instead).
+    Where the console is no terminal, rich draws nothing until the end, so a plain line
+    (``description k/total, elapsed, info``) is printed at most every ``log_every`` seconds, and
+    after the first and the last update: a killed job's log still says how far it got."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    started = clock()
+    last_line = [None]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
 
@@ -302,6 +312,13 @@ def progress_bar(description: str, total: int) -> Iterator[typing.Callable[[int]
                 progress.update(task, completed=completed, info=info)
             else:
                 progress.update(task, advance=n, info=info)
+            if console.is_terminal:
+                return
+            now, done = clock(), int(progress.tasks[0].completed)
+            if last_line[0] is None or now - last_line[0] >= log_every or done >= total:
+                last_line[0] = now
+                console.print(f"{description} {done}/{total}, {now - started:.0f} s" + (f", {info}" if info else ""),
+                              highlight=False, markup=False)
 
         yield advance
 

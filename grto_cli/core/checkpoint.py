@@ -105,9 +105,10 @@ def copy_system(source: str | Path, system: str | Path) -> None:
 
 
 def load_system_weights(policy: Policy, tool: SamTool, system: str | Path,
-                        load_policy_state: Callable[[dict], None] | None = None) -> None:
-    """Load a saved system's weights into an already built policy + tool (in place);
-    ``load_policy_state(state)`` puts a whole model state dict into a sharded policy."""
+                        load_policy_state: Callable[[Callable[[], dict]], None] | None = None) -> None:
+    """Load a saved system's weights into an already built policy + tool (in place).
+    ``load_policy_state(read)`` puts the whole model state dict ``read()`` returns into a sharded
+    policy (calling ``read`` on the processes that need it)."""
     system = Path(system)
     sam, _ = load_sam(system / TOOL_DIR)
     tool.sam.load_state_dict(sam.state_dict())
@@ -120,9 +121,14 @@ def load_system_weights(policy: Policy, tool: SamTool, system: str | Path,
         return
     from transformers import AutoModelForImageTextToText
 
-    loaded = AutoModelForImageTextToText.from_pretrained(str(system / POLICY_DIR),
-                                                         dtype=next(model.parameters()).dtype)
-    (load_policy_state or model.load_state_dict)(loaded.state_dict())
+    def read() -> dict:
+        return AutoModelForImageTextToText.from_pretrained(str(system / POLICY_DIR),
+                                                           dtype=next(model.parameters()).dtype).state_dict()
+
+    if load_policy_state is not None:
+        load_policy_state(read)
+    else:
+        model.load_state_dict(read())
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -208,12 +214,13 @@ def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict
 
 def load_resume(directory: Path, policy: Policy, tool: SamTool,
                 optimizers: dict[str, torch.optim.Optimizer | None],
-                load_policy_state: Callable[[dict], None] | None = None,
+                load_policy_state: Callable[[Callable[[], dict]], None] | None = None,
                 optimizer_loaders: dict[str, Callable[[dict], None]] | None = None) -> dict:
     """Restore what ``save_resume`` wrote, in place; returns the loop state. The loaders put whole
     states into sharded parameters and optimisers (by name)."""
     load_system_weights(policy, tool, directory, load_policy_state)
-    saved = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
+    # Memory-mapped: a sharded run's processes other than the main one read only the tool's part.
+    saved = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True, mmap=True)
     loaders = optimizer_loaders or {}
     for name, opt in optimizers.items():
         if opt is not None and saved.get(name) is not None:

@@ -19,7 +19,8 @@ What sharding asks of the rest of the code:
 - Checkpoints hold the whole model in transformers' layout: ``full_model_state`` and
   ``full_optimizer_state`` gather them into the main process's CPU memory (every process takes
   part; the others get an empty dict, so N processes never hold N whole copies), which writes;
-  ``load_full_model_state`` / ``load_full_optimizer_state`` put whole states back into shards.
+  ``load_full_model_state`` / ``load_full_optimizer_state`` send them from the main process back
+  into every process's shards.
 
 The math is DDP's: the same global batch, normalisers and clipping (``clip_grad_norm_`` on sharded
 gradients computes the global norm), so N sharded processes train what one process does.
@@ -28,7 +29,7 @@ gradients computes the global norm), so N sharded processes train what one proce
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -109,11 +110,17 @@ def full_model_state(root: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix(ROOT_PREFIX): v for k, v in state.items()}
 
 
-def load_full_model_state(root: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Each process keeps its shard of a whole state dict in transformers' names."""
+def _is_main() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def load_full_model_state(root: torch.nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Each process keeps its shard of a whole state dict in transformers' names: the main process
+    ``read()``s it and sends each tensor to the others (so N processes never hold N whole copies)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(root, {ROOT_PREFIX + k: v for k, v in state.items()}, options=_options())
+    state = {ROOT_PREFIX + k: v for k, v in read().items()} if _is_main() else {}
+    set_model_state_dict(root, state, options=_options(broadcast_from_rank0=True))
 
 
 def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -125,6 +132,9 @@ def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Each process keeps its shard of the optimiser's whole state, sent by the main process (the
+    others' ``state`` is never read: a memory-mapped file stays on disk)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(root, optimizer, optim_state_dict=state, options=_options())
+    set_optimizer_state_dict(root, optimizer, optim_state_dict=state if _is_main() else {},
+                             options=_options(broadcast_from_rank0=True))

@@ -476,7 +476,7 @@ class Trainer:
         the batches and sampling noise are functions of (seed, step), not of the process layout."""
         loaders = {}
         if self.sharded:
-            loaders = {"load_policy_state": lambda state: load_full_model_state(self.policy_pass, state),
+            loaders = {"load_policy_state": lambda read: load_full_model_state(self.policy_pass, read),
                        "optimizer_loaders": {"policy": lambda state: load_full_optimizer_state(
                            self.policy_pass, self.policy_opt, state)}}
         saved = load_resume(directory, self.policy, self.tool, self._optimizers(), **loaders)

@@ -43,7 +43,9 @@ def tiny_system(tmp_path_factory, synthetic_data) -> Path:
     tool = SamTool(build_sam(arch), arch)
     train_sam(tool, records, synthetic_data, SamTrainConfig(steps=10, batch_size=4), seed=0)
     save_sam(tool.sam, arch, out / "tool")
-    model, processor = build_tiny_vlm(TinyVLMArch(), seed=0)
+    # The real pipelines' family (Qwen2.5-VL: absolute pixels); test_families checks the others and
+    # test_tiny_models the embedded default's Qwen3-VL.
+    model, processor = build_tiny_vlm(TinyVLMArch(family="qwen2_5_vl"), seed=0)
     model.save_pretrained(out / "policy")
     processor.save_pretrained(out / "policy")
     policy = load_policy(out / "policy", prompt_template="Locate: {query}.")

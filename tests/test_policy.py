@@ -5,7 +5,7 @@ from PIL import Image
 
 from grto_cli.core.answer import format_answer, parse_answer
 from grto_cli.core.policy import (completion_logprobs, completion_mask, encode_prompts, expand_prompts, generate,
-                                  load_policy, resized_sizes, sampling_config, select_prompts)
+                                  load_policy, prompt_text, resized_sizes, sampling_config, select_prompts)
 from grto_cli.core.sampling import GumbelSampler, row_keys
 from transformers import LogitsProcessorList
 
@@ -235,3 +235,28 @@ def test_an_unknown_family_asks_for_coord_convention():
         family_convention("llava")
     assert family_convention("llava", "relative1000") == "relative1000"
     assert set(FAMILY_CONVENTIONS) >= {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
+
+@pytest.mark.parametrize("template, image_first", [("Locate: {query}.", True), ("Locate: {query}.{image}", False)])
+def test_the_template_places_the_image(tiny_system, template, image_first):
+    """Without ``{image}`` the image opens the user turn (Qwen's own layout); with it, the image goes
+    where the slot is: here after the query, so the visual tokens can attend to the query's words."""
+    policy = load_policy(tiny_system / "policy", prompt_template=template)
+    text = prompt_text(policy, "the red circle")
+    image, query = text.index("<|image_pad|>"), text.index("the red circle")
+    assert (image < query) == image_first
+    assert text.count("<|vision_start|>") == 1 and text.endswith("<|im_start|>assistant\n")
+    ids = encode_prompts(policy, [Image.new("RGB", (64, 64))], ["the red circle"])["input_ids"][0].tolist()
+    pad = policy.model.config.image_token_id
+    first_pad = ids.index(pad)
+    red = policy.tokenizer.encode(" red")[0]
+    assert (first_pad < ids.index(red)) == image_first
+
+
+def test_a_template_without_one_query_slot_is_refused():
+    from grto_cli.stages.common import ConfigError, PolicyParams
+
+    for bad in ("Locate the shape.", "{query} {query}", "{image} {query} {image}"):
+        with pytest.raises(ConfigError, match="prompt_template"):
+            PolicyParams(prompt_template=bad).validate()
+    PolicyParams(prompt_template="{image} Where is {query}?").validate()

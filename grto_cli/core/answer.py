@@ -18,9 +18,40 @@ ANSWER_FORMAT = '<answer>{"bbox": [x1, y1, x2, y2], "points": [[x, y]]}</answer>
 DEFAULT_TEMPLATE = ("Please find \"{query}\" in the image. Think it through in <think> </think>, then give one "
                     "box and one point inside the object as <answer>{{\"bbox\": [x1, y1, x2, y2], "
                     "\"points\": [[x, y]]}}</answer>.")
+# Where the image goes in the user turn: a template that holds IMAGE_SLOT puts it there (the text
+# before and after it around the image); one without puts the image first, as Qwen's own examples do.
+IMAGE_SLOT = "{image}"
 # How coordinates in an answer relate to the image: absolute pixels of the image the processor
 # resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
 COORD_CONVENTIONS = ("absolute", "relative1000")
+
+
+
+def prompt_parts(template: str, query: str) -> list[str | None]:
+    """The user turn's content, in order: text pieces and ``None`` where the image goes.
+
+    >>> prompt_parts("Locate: {query}.", "the red circle")
+    [None, 'Locate: the red circle.']
+    >>> prompt_parts("Locate: {query}. {image}", "the red circle")
+    ['Locate: the red circle. ', None]
+    >>> prompt_parts("Look: {image} Where is {query}?", "it")
+    ['Look: ', None, ' Where is it?']
+    """
+    check_template(template)
+    if IMAGE_SLOT not in template:
+        return [None, template.format(query=query)]
+    before, after = template.split(IMAGE_SLOT)
+    parts: list[str | None] = [before.format(query=query) if "{query}" in before else before.format(), None,
+                               after.format(query=query) if "{query}" in after else after.format()]
+    return [p for p in parts if p != ""]
+
+
+def check_template(template: str) -> None:
+    """A prompt template asks for the query once and places the image at most once."""
+    if template.count("{query}") != 1 or template.count(IMAGE_SLOT) > 1:
+        raise ValueError(f"prompt template {template!r} must hold {{query}} exactly once and {IMAGE_SLOT} at most "
+                         f"once (where the image goes; without it the image comes first)")
+
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 THINK_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>", re.DOTALL)

@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
+from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE, prompt_parts
 from grto_cli.core.sharding import gathered
 
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
@@ -158,8 +158,11 @@ def _load_lora_merged(adapter_dir: Path, dtype: torch.dtype, trust_remote_code: 
 
 
 def prompt_text(policy: Policy, query: str) -> str:
-    messages = [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": policy.prompt_template.format(query=query)}]}]
+    """The chat-formatted prompt: one user turn holding the image and the templated query, in the
+    template's order (``answer.prompt_parts``), then the assistant's turn opened."""
+    content = [{"type": "image"} if part is None else {"type": "text", "text": part}
+               for part in prompt_parts(policy.prompt_template, query)]
+    messages = [{"role": "user", "content": content}]
     return policy.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

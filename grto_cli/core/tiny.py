@@ -1,9 +1,17 @@
 """Tiny base models for the embedded default and tests.
 
-The tiny VLM is a real ``Qwen2_5_VLForConditionalGeneration`` (a few M parameters) with a
-byte-level BPE tokenizer trained offline and a real ``Qwen2_5_VLProcessor``; the tiny SAM is
-segment-anything's own ``Sam`` at small dims. Both are saved in the formats of the real
+The tiny VLM is a real Hugging Face VLM class at a few M parameters, one builder per family in a
+closed registry (``TINY_FAMILIES``): ``Qwen3VLForConditionalGeneration`` (the embedded default) or
+``Qwen2_5_VLForConditionalGeneration`` (the real pipelines' family, which the tests' fixture system
+uses), each with a byte-level BPE tokenizer trained offline and the family's real processor. The
+tiny SAM is segment-anything's own ``Sam`` at small dims. Both are saved in the formats of the real
 checkpoints and loaded back by the same loaders (``policy.load_policy``, ``tool.load_sam``).
+
+Why Qwen3-VL for the embedded default: its vision tower adds a learned absolute position to every
+patch; Qwen2.5-VL's has none (position enters only through RoPE's rotations of attention scores,
+never the features attention copies), so a tiny one trained from scratch for minutes barely learns
+*where* a patch is, and on a plain background answered one box for everything (README, "what the
+warm-up needed").
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
+                          Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor)
 
 from grto_cli.core.data.synthetic import COLORS, KINDS, RELATIONS
 from grto_cli.core.tool import SamArch
@@ -33,6 +42,7 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinyVLMArch:
+    family: str = "qwen3_vl"  # a key of TINY_FAMILIES
     image_size: int = 64
     patch_size: int = 8
     vocab_size: int = 1200
@@ -49,6 +59,12 @@ class TinyVLMArch:
     # image grid turns by < 0.01 rad per column, so attention cannot tell columns apart. A small
     # theta keeps every axis's frequencies in a range the short tiny sequences can use.
     rope_theta: float = 10.0
+    # Std of the language model's initial weights. transformers' 0.02 suits hidden sizes in the
+    # thousands; at 128 it leaves attention near-uniform for long, and the warm-up never learned to
+    # pick the shape a query names (README). ~1/sqrt(hidden_size) is the usual choice at this size.
+    initializer_range: float = 0.02
+    vision_initializer_range: float = 0.02
+    deepstack: list[int] = field(default_factory=list)  # Qwen3-VL: vision layers fed to the LM's first layers
 
 
 def tokenizer_corpus(max_coordinate: int = 1000) -> list[str]:
@@ -82,45 +98,89 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_processor(arch: TinyVLMArch) -> Qwen2_5_VLProcessor:
-    pixels = arch.image_size * arch.image_size
-    image_processor = Qwen2VLImageProcessor(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=pixels, max_pixels=pixels)
-    tokenizer = build_tiny_tokenizer(arch.vocab_size)
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        video_processor = Qwen2VLVideoProcessor(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2)
-    except ImportError:  # older transformers have no separate video processor
-        video_processor = None
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+def _special_ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
 
-def build_tiny_vlm(arch: TinyVLMArch, seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
-    """An untrained tiny Qwen2.5-VL and its processor."""
-    processor = build_tiny_processor(arch)
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+def _image_processor(arch: TinyVLMArch) -> Qwen2VLImageProcessor:
+    pixels = arch.image_size * arch.image_size  # every image becomes image_size x image_size
+    return Qwen2VLImageProcessor(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2,
+                                 min_pixels=pixels, max_pixels=pixels)
+
+
+def _video_processor(name: str, arch: TinyVLMArch):
+    import transformers
+
+    cls = getattr(transformers, name, None)  # older transformers have no separate video processor
+    return cls(patch_size=arch.patch_size, merge_size=2, temporal_patch_size=2) if cls is not None else None
+
+
+def _text_config(arch: TinyVLMArch, tokenizer, **extra) -> dict:
+    ids = _special_ids(tokenizer)
+    return dict(vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                num_key_value_heads=arch.num_kv_heads, max_position_embeddings=2048,
+                initializer_range=arch.initializer_range, pad_token_id=ids["<|endoftext|>"], **extra)
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = _special_ids(tokenizer)
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def _qwen2_5_vl(arch: TinyVLMArch, tokenizer):
+    ids = _special_ids(tokenizer)
+    rope = {"rope_type": "default", "rope_theta": arch.rope_theta, "mrope_section": arch.mrope_section}
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-            num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-            num_key_value_heads=arch.num_kv_heads, max_position_embeddings=2048,
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta,
-                             "mrope_section": arch.mrope_section}),
+        text_config=_text_config(arch, tokenizer, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                                 rope_parameters=rope),
         vision_config=dict(
             depth=arch.vision_depth, hidden_size=arch.vision_hidden_size, intermediate_size=2 * arch.vision_hidden_size,
             num_heads=arch.vision_heads, patch_size=arch.patch_size, spatial_merge_size=2, temporal_patch_size=2,
             window_size=arch.image_size, out_hidden_size=arch.hidden_size,
-            fullatt_block_indexes=list(range(arch.vision_depth))),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+            initializer_range=arch.vision_initializer_range, fullatt_block_indexes=list(range(arch.vision_depth))),
+        **_token_ids(tokenizer))
     config.text_config.pad_token_id = ids["<|endoftext|>"]
+    processor = Qwen2_5_VLProcessor(image_processor=_image_processor(arch), tokenizer=tokenizer,
+                                    video_processor=_video_processor("Qwen2VLVideoProcessor", arch),
+                                    chat_template=CHAT_TEMPLATE)
+    return Qwen2_5_VLForConditionalGeneration, config, processor
+
+
+def _qwen3_vl(arch: TinyVLMArch, tokenizer):
+    # Qwen3-VL's M-RoPE interleaves the (t, h, w) frequencies; its vision tower learns one position
+    # embedding per cell of a grid (here one per patch of the fixed-size image).
+    rope = {"rope_type": "default", "rope_theta": arch.rope_theta, "mrope_section": arch.mrope_section,
+            "mrope_interleaved": True}
+    grid = arch.image_size // arch.patch_size
+    config = Qwen3VLConfig(
+        text_config=_text_config(arch, tokenizer, head_dim=arch.hidden_size // arch.num_heads, rope_parameters=rope),
+        vision_config=dict(
+            depth=arch.vision_depth, hidden_size=arch.vision_hidden_size, intermediate_size=2 * arch.vision_hidden_size,
+            num_heads=arch.vision_heads, patch_size=arch.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            out_hidden_size=arch.hidden_size, num_position_embeddings=grid * grid,
+            deepstack_visual_indexes=list(arch.deepstack), initializer_range=arch.vision_initializer_range),
+        tie_word_embeddings=False, **_token_ids(tokenizer))
+    processor = Qwen3VLProcessor(image_processor=_image_processor(arch), tokenizer=tokenizer,
+                                 video_processor=_video_processor("Qwen3VLVideoProcessor", arch),
+                                 chat_template=CHAT_TEMPLATE)
+    return Qwen3VLForConditionalGeneration, config, processor
+
+
+# The families a tiny policy can be built in: arch -> (model class, config, processor).
+TINY_FAMILIES = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl}
+
+
+def build_tiny_vlm(arch: TinyVLMArch, seed: int = 0):
+    """An untrained tiny VLM of ``arch.family`` and its processor."""
+    if arch.family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny VLM family {arch.family!r}; expected one of {', '.join(TINY_FAMILIES)}")
+    tokenizer = build_tiny_tokenizer(arch.vocab_size)
+    model_cls, config, processor = TINY_FAMILIES[arch.family](arch, tokenizer)
+    ids = _special_ids(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_cls(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model, processor

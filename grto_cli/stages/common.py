@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from grto_cli import __version__
-from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE
+from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE, check_template
 from grto_cli.core.config import check_choice
 from grto_cli.core.data.records import Record, read_manifest
 from grto_cli.core.io import hash_path, write_json
@@ -201,6 +201,10 @@ class PolicyParams:
     max_pixels: int | None = None
 
     def validate(self) -> None:
+        try:
+            check_template(self.prompt_template)
+        except ValueError as exc:
+            raise ConfigError(f"policy.prompt_template: {exc}") from None
         check_choice("coord_convention", self.coord_convention, (None, *COORD_CONVENTIONS))
         check_choice("dtype", self.dtype, DTYPES)
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:

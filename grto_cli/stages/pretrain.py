@@ -18,7 +18,7 @@ from grto_cli.core.io import atomic_dir
 from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
-from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
+from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam_arch
 from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
 from grto_cli.stages.common import (console, policy_params, progress_bar, set_threads, stage_config,
                                     summary_table, write_run_record)
@@ -37,6 +37,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
+        check_choice("vlm.family", self.vlm.family, tuple(TINY_FAMILIES))
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
@@ -59,8 +60,9 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
         # The untrained policy goes through save_pretrained/from_pretrained before training, so the
         # warm-up trains exactly what a real checkpoint load would give.
         model, processor = build_tiny_vlm(cfg.vlm, seed=cfg.seed)
-        save_policy(Policy(model, processor, "absolute", pol_cfg.prompt_template), tmp)
-        policy = load_policy(tmp / POLICY_DIR, prompt_template=pol_cfg.prompt_template)
+        save_policy(Policy(model, processor, pol_cfg.coord_convention or "absolute", pol_cfg.prompt_template), tmp)
+        policy = load_policy(tmp / POLICY_DIR, prompt_template=pol_cfg.prompt_template,
+                             coord_convention=pol_cfg.coord_convention)
         with progress_bar("tiny VLM supervised warm-up", cfg.sft.steps) as advance, \
                 StepLogger(Path(cfg.live) / "policy") as log:
             sft_stats = train_policy_sft(policy, records, root, cfg.sft, cfg.seed,

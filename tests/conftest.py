@@ -10,9 +10,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+TINY_SYSTEM_TEMPLATE = "Locate: {query}."
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +51,7 @@ def tiny_system(tmp_path_factory, synthetic_data) -> Path:
     model, processor = build_tiny_vlm(TinyVLMArch(family="qwen2_5_vl"), seed=0)
     model.save_pretrained(out / "policy")
     processor.save_pretrained(out / "policy")
-    policy = load_policy(out / "policy", prompt_template="Locate: {query}.")
+    policy = load_policy(out / "policy", prompt_template=TINY_SYSTEM_TEMPLATE)
     train_policy_sft(policy, records, synthetic_data, PolicySftConfig(steps=60, batch_size=8, lr=3e-3), seed=0)
     policy.model.save_pretrained(out / "policy")
     return out
@@ -62,7 +65,10 @@ def make_project(tmp_path_factory, tiny_system, synthetic_data):
 
     def make(name: str) -> Path:
         root = tmp_path_factory.mktemp(name)
-        shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+        params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+        # The tiny system's short warm-up taught the format under its own template only.
+        params["policy"]["prompt_template"] = TINY_SYSTEM_TEMPLATE
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         shutil.copytree(synthetic_data, root / "data/prepared/synthetic")
         shutil.copytree(tiny_system, root / "models/base")
         return root

@@ -6,6 +6,9 @@ and every later stage loads them through the same loaders.
 
 from __future__ import annotations
 
+import multiprocessing
+import queue as queue_module
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,8 +23,8 @@ from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
 from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam_arch
 from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
-from grto_cli.stages.common import (console, policy_params, progress_bar, set_threads, stage_config,
-                                    summary_table, write_run_record)
+from grto_cli.stages.common import (console, cpu_threads, policy_params, progress_bar, set_threads,
+                                    stage_config, summary_table, write_run_record)
 from grto_cli.stages.live import StepLogger
 
 
@@ -34,10 +37,84 @@ class PretrainConfig:
     vlm: TinyVLMArch = field(default_factory=TinyVLMArch)
     sft: PolicySftConfig = field(default_factory=PolicySftConfig)
     sam: SamTrainConfig = field(default_factory=SamTrainConfig)
+    # The tool's warm-up in a second process beside the policy's, each on half the CPU threads
+    # (with at least 2): on 2 cores neither gains much from a second thread, so side by side the
+    # stage takes about as long as the policy's warm-up alone.
+    parallel: bool = True
 
     def validate(self) -> None:
         check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
         check_choice("vlm.family", self.vlm.family, tuple(TINY_FAMILIES))
+
+
+SAM_BAR = "tiny SAM on ground-truth prompts"
+
+
+def _train_tool(cfg: PretrainConfig, manifest: Path, system: Path, on_step) -> dict:
+    """Build the tiny SAM (its initial weights from the seed), train it, write it into ``system``."""
+    records, _ = read_manifest(manifest)
+    arch = tiny_sam_arch(cfg.vlm.image_size)
+    torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
+    tool = SamTool(build_sam(arch), arch)
+    with StepLogger(Path(cfg.live) / "sam") as log:
+        stats = train_sam(tool, records, manifest.parent, cfg.sam, cfg.seed,
+                          on_step=lambda s, m: (log.log(s, m), on_step(s, m)))
+    save_tool(tool, system)
+    return {**stats, "tool_parameters": sum(p.numel() for p in tool.sam.parameters())}
+
+
+def _tool_process(cfg: PretrainConfig, manifest: str, system: str, threads: int, messages) -> None:
+    """The tool's warm-up in a process of its own: ("step", k, stats) per step, then ("done",
+    stats) or ("error", traceback) on ``messages``."""
+    torch.set_num_threads(threads)
+    try:
+        stats = _train_tool(cfg, Path(manifest), Path(system), lambda s, m: messages.put(("step", s + 1, m)))
+        messages.put(("done", stats))
+    except BaseException:  # noqa: BLE001 - reported to the main process, which raises
+        messages.put(("error", traceback.format_exc()))
+
+
+class _ToolWarmup:
+    """The main process's view of the tool's warm-up running beside it."""
+
+    def __init__(self, cfg: PretrainConfig, manifest: Path, system: Path, threads: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.messages = ctx.Queue()
+        self.process = ctx.Process(target=_tool_process, args=(cfg, str(manifest), str(system), threads,
+                                                               self.messages), daemon=True)
+        self.process.start()
+        self.step, self.total, self.stats, self.last = 0, cfg.sam.steps, None, {}
+
+    def poll(self, timeout: float | None = None) -> None:
+        """Read what the process said; ``timeout``: wait that long for the first message."""
+        while True:
+            try:
+                message = self.messages.get(timeout=timeout) if timeout else self.messages.get_nowait()
+            except queue_module.Empty:
+                if timeout and not self.process.is_alive() and self.stats is None:
+                    raise RuntimeError(f"pretrain: the tool's warm-up process ended (exit code "
+                                       f"{self.process.exitcode}) without finishing") from None
+                return
+            timeout = None
+            if message[0] == "step":
+                self.step, self.last = message[1], message[2]
+            elif message[0] == "done":
+                self.stats, self.step = message[1], self.total
+            else:
+                raise RuntimeError(f"pretrain: the tool's warm-up failed:\n{message[1]}")
+
+    def wait(self) -> dict:
+        with progress_bar(SAM_BAR, self.total) as advance:
+            while self.stats is None:
+                self.poll(timeout=1.0)
+                advance(completed=self.step, info=f"loss {self.last[TOOL_LOSS]:.3f}" if self.last else "")
+        self.process.join()
+        return self.stats
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
@@ -47,30 +124,44 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     manifest = Path(cfg.data) / "train.jsonl"
     records, _ = read_manifest(manifest)
     root = manifest.parent
+    threads = cpu_threads()
+    tool_warmup = None
     with atomic_dir(cfg.out) as tmp:
-        arch = tiny_sam_arch(cfg.vlm.image_size)
-        torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
-        tool = SamTool(build_sam(arch), arch)
-        with progress_bar("tiny SAM on ground-truth prompts", cfg.sam.steps) as advance, \
-                StepLogger(Path(cfg.live) / "sam") as log:
-            sam_stats = train_sam(tool, records, root, cfg.sam, cfg.seed,
-                                  on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[TOOL_LOSS]:.3f}")))
-        save_tool(tool, tmp)
+        try:
+            if cfg.parallel and threads >= 2:
+                tool_warmup = _ToolWarmup(cfg, manifest, tmp, threads // 2)
+                torch.set_num_threads(threads - threads // 2)
+            else:
+                with progress_bar(SAM_BAR, cfg.sam.steps) as advance:
+                    tool_stats = _train_tool(cfg, manifest, tmp, lambda s, m: advance(1, f"loss {m[TOOL_LOSS]:.3f}"))
 
-        # The untrained policy goes through save_pretrained/from_pretrained before training, so the
-        # warm-up trains exactly what a real checkpoint load would give.
-        model, processor = build_tiny_vlm(cfg.vlm, seed=cfg.seed)
-        save_policy(Policy(model, processor, pol_cfg.coord_convention or "absolute", pol_cfg.prompt_template), tmp)
-        policy = load_policy(tmp / POLICY_DIR, prompt_template=pol_cfg.prompt_template,
-                             coord_convention=pol_cfg.coord_convention)
-        with progress_bar("tiny VLM supervised warm-up", cfg.sft.steps) as advance, \
-                StepLogger(Path(cfg.live) / "policy") as log:
-            sft_stats = train_policy_sft(policy, records, root, cfg.sft, cfg.seed,
-                                         on_step=lambda s, m: (log.log(s, m), advance(1, f"loss {m[SFT_LOSS]:.3f}")))
-        save_policy(policy, tmp)
-        results = {**sam_stats, **sft_stats,
-                   "policy_parameters": sum(p.numel() for p in policy.model.parameters()),
-                   "tool_parameters": sum(p.numel() for p in tool.sam.parameters())}
+            # The untrained policy goes through save_pretrained/from_pretrained before training, so
+            # the warm-up trains exactly what a real checkpoint load would give.
+            model, processor = build_tiny_vlm(cfg.vlm, seed=cfg.seed)
+            save_policy(Policy(model, processor, pol_cfg.coord_convention or "absolute", pol_cfg.prompt_template),
+                        tmp)
+            policy = load_policy(tmp / POLICY_DIR, prompt_template=pol_cfg.prompt_template,
+                                 coord_convention=pol_cfg.coord_convention)
+
+            def sft_step(step: int, m: dict) -> None:
+                log.log(step, m)
+                info = f"loss {m[SFT_LOSS]:.3f}"
+                if tool_warmup is not None:
+                    tool_warmup.poll()
+                    info += f", SAM beside it {tool_warmup.step}/{tool_warmup.total}"
+                advance(1, info)
+
+            with progress_bar("tiny VLM supervised warm-up", cfg.sft.steps) as advance, \
+                    StepLogger(Path(cfg.live) / "policy") as log:
+                sft_stats = train_policy_sft(policy, records, root, cfg.sft, cfg.seed, on_step=sft_step)
+            save_policy(policy, tmp)
+            if tool_warmup is not None:
+                tool_stats = tool_warmup.wait()
+        finally:
+            if tool_warmup is not None:
+                tool_warmup.close()
+        results = {**tool_stats, **sft_stats,
+                   "policy_parameters": sum(p.numel() for p in policy.model.parameters())}
         write_run_record(tmp / "run.json", "pretrain", {"pretrain": asdict(cfg), "policy": asdict(pol_cfg)},
                          {"train_manifest": manifest}, results)
     summary_table("pretrain", {"out": cfg.out, **{k: v for k, v in results.items()}})

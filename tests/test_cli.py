@@ -5,9 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from grto_cli.cli import app
+from grto_cli.core.tiny import tiny_sam_arch
+from grto_cli.core.tool import build_sam
 
 runner = CliRunner()
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -73,6 +76,31 @@ def test_pretrain_is_deterministic_given_a_seed(tmp_path, monkeypatch):
         digests.append([hashlib.sha256((tmp_path / out / f).read_bytes()).hexdigest()
                         for f in ("tool/sam.pt", "policy/model.safetensors")])
     assert digests[0] == digests[1]
+
+
+def test_pretrain_side_by_side_trains_what_one_process_does(tmp_path, monkeypatch):
+    """pretrain.parallel runs SAM's warm-up in a spawned process: same seed, same tool and policy
+    as the one-process run (up to the float rounding of another thread count)."""
+    from safetensors.torch import load_file
+
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    assert _invoke(["prepare", "synthetic", "--set", "prepare.sizes={train: 12, val: 2, testA: 2, testB: 2}"],
+                   tmp_path, monkeypatch).exit_code == 0
+    for out, parallel in (("one", "false"), ("two", "true")):
+        r = _invoke(["pretrain", "--out", out, "--set", f"pretrain.parallel={parallel}", "--set", "pretrain.sam.steps=3",
+                     "--set", "pretrain.sft.steps=3", "--set", "pretrain.sam.batch_size=2",
+                     "--set", "pretrain.sft.batch_size=2"], tmp_path, monkeypatch)
+        assert r.exit_code == 0, r.output
+    tools = [torch.load(tmp_path / out / "tool/sam.pt", weights_only=True) for out in ("one", "two")]
+    policies = [load_file(tmp_path / out / "policy/model.safetensors") for out in ("one", "two")]
+    torch.manual_seed(0)  # pretrain.seed: SAM's initial weights
+    untrained = build_sam(tiny_sam_arch()).state_dict()
+    for a, b in ((tools[0], tools[1]), (policies[0], policies[1])):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+    assert any(not torch.equal(tools[1][k], untrained[k]) for k in untrained)  # the child did train it
+    assert (tmp_path / "results/pretrain/sam/plots/metrics").is_dir()
 
 
 def test_enumerated_options_are_refused_before_anything_loads(tmp_path, monkeypatch):

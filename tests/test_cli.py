@@ -80,7 +80,8 @@ def test_pretrain_is_deterministic_given_a_seed(tmp_path, monkeypatch):
 
 def test_pretrain_side_by_side_trains_what_one_process_does(tmp_path, monkeypatch):
     """pretrain.parallel runs SAM's warm-up in a spawned process: same seed, same tool and policy
-    as the one-process run (up to the float rounding of another thread count)."""
+    as the one-process run, up to the rounding of another thread count (which AdamW's normalised
+    steps can carry to a few lr-sized differences after 3 steps; another seed moves every weight)."""
     from safetensors.torch import load_file
 
     shutil.copy(PARAMS, tmp_path / "params.yaml")
@@ -97,8 +98,8 @@ def test_pretrain_side_by_side_trains_what_one_process_does(tmp_path, monkeypatc
     untrained = build_sam(tiny_sam_arch()).state_dict()
     for a, b in ((tools[0], tools[1]), (policies[0], policies[1])):
         assert a.keys() == b.keys()
-        for key in a:
-            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+        diffs = torch.cat([(a[key].float() - b[key].float()).abs().flatten() for key in a])
+        assert diffs.max() < 5e-3 and diffs.mean() < 1e-4, (diffs.max(), diffs.mean())
     assert any(not torch.equal(tools[1][k], untrained[k]) for k in untrained)  # the child did train it
     assert (tmp_path / "results/pretrain/sam/plots/metrics").is_dir()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grto_cli.core.data.records import read_manifest
+from grto_cli.core.data.records import Record, read_manifest
 from grto_cli.core.checkpoint import POLICY_DIR, save_policy, save_tool
 from grto_cli.core.config import check_choice
 from grto_cli.core.io import atomic_dir
@@ -50,14 +50,13 @@ class PretrainConfig:
 SAM_BAR = "tiny SAM on ground-truth prompts"
 
 
-def _train_tool(cfg: PretrainConfig, manifest: Path, system: Path, on_step) -> dict:
+def _train_tool(cfg: PretrainConfig, records: list[Record], root: Path, system: Path, on_step) -> dict:
     """Build the tiny SAM (its initial weights from the seed), train it, write it into ``system``."""
-    records, _ = read_manifest(manifest)
     arch = tiny_sam_arch(cfg.vlm.image_size)
     torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
     tool = SamTool(build_sam(arch), arch)
     with StepLogger(Path(cfg.live) / "sam") as log:
-        stats = train_sam(tool, records, manifest.parent, cfg.sam, cfg.seed,
+        stats = train_sam(tool, records, root, cfg.sam, cfg.seed,
                           on_step=lambda s, m: (log.log(s, m), on_step(s, m)))
     save_tool(tool, system)
     return {**stats, "tool_parameters": sum(p.numel() for p in tool.sam.parameters())}
@@ -68,7 +67,9 @@ def _tool_process(cfg: PretrainConfig, manifest: str, system: str, threads: int,
     stats) or ("error", traceback) on ``messages``."""
     torch.set_num_threads(threads)
     try:
-        stats = _train_tool(cfg, Path(manifest), Path(system), lambda s, m: messages.put(("step", s + 1, m)))
+        records, _ = read_manifest(manifest)  # read here: a spawned process shares nothing with the main one
+        stats = _train_tool(cfg, records, Path(manifest).parent, Path(system),
+                            lambda s, m: messages.put(("step", s + 1, m)))
         messages.put(("done", stats))
     except BaseException:  # noqa: BLE001 - reported to the main process, which raises
         messages.put(("error", traceback.format_exc()))
@@ -133,7 +134,8 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
                 torch.set_num_threads(threads - threads // 2)
             else:
                 with progress_bar(SAM_BAR, cfg.sam.steps) as advance:
-                    tool_stats = _train_tool(cfg, manifest, tmp, lambda s, m: advance(1, f"loss {m[TOOL_LOSS]:.3f}"))
+                    tool_stats = _train_tool(cfg, records, root, tmp,
+                                             lambda s, m: advance(1, f"loss {m[TOOL_LOSS]:.3f}"))
 
             # The untrained policy goes through save_pretrained/from_pretrained before training, so
             # the warm-up trains exactly what a real checkpoint load would give.

@@ -64,7 +64,7 @@ def gt_prompt(record: Record, mask: np.ndarray, rng: np.random.Generator, jitter
 
 @dataclass
 class SamTrainConfig:
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     box_jitter: float = 0.1

@@ -34,7 +34,8 @@ def test_pretrain_then_evaluate_writes_metrics_predictions_and_sheet(tmp_path, m
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "res/testB/metrics.json").read_text())
     for key in ("giou", "ciou", "precision@0.5", "precision@0.9", "format_rate", "n", "call_box_iou",
-                "point_in_target", "distinct_calls", "distinct_call_ratio", "prompt_adherence", "oracle_giou"):
+                "point_in_target", "distinct_calls", "distinct_call_ratio", "prompt_adherence", "call_box_area_ratio",
+                "oracle_giou"):
         assert key in metrics
     assert 0 <= metrics["oracle_giou"] <= 100 and 0 <= metrics["call_box_iou"] <= 1
     assert metrics["n"] == 6

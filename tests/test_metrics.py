@@ -76,6 +76,27 @@ def test_grounding_meter_exposes_a_policy_that_answers_the_same_box_for_everythi
     assert g["oracle_giou"] == c["oracle_giou"] == 100.0
 
 
+def test_grounding_meter_exposes_a_policy_that_draws_loose_boxes_for_the_tool_to_fill():
+    """A box over the whole image keeps every mask inside it (adherence 1) and its point on the
+    target: only the box terms show that the policy has stopped localising."""
+    from grto_cli.core.answer import ToolCall
+    from grto_cli.core.metrics import GroundingMeter
+
+    tight, loose = GroundingMeter(), GroundingMeter()
+    for rows_cols, box in (((2, 6, 2, 6), [2.0, 2.0, 6.0, 6.0]), ((10, 16, 10, 18), [10.0, 10.0, 18.0, 16.0])):
+        target = _mask((20, 20), rows_cols)
+        x1, y1, x2, y2 = box
+        point = (((x1 + x2) / 2, (y1 + y2) / 2),)
+        tight.add(ToolCall(box=tuple(box), points=point), target, target, box)
+        loose.add(ToolCall(box=(0.0, 0.0, 20.0, 20.0), points=point), target, target, box)
+    t, lo = tight.summary(), loose.summary()
+    assert t["prompt_adherence"] == lo["prompt_adherence"] == pytest.approx(1.0)
+    assert t["point_in_target"] == lo["point_in_target"] == 1.0
+    assert t["call_box_area_ratio"] == pytest.approx(1.0)
+    assert lo["call_box_area_ratio"] == pytest.approx(np.median([400 / 16, 400 / 48]))
+    assert lo["call_box_iou"] < 0.15
+
+
 def test_unparsable_answers_count_as_zero_in_the_policy_terms():
     from grto_cli.core.metrics import GroundingMeter
 
@@ -85,6 +106,7 @@ def test_unparsable_answers_count_as_zero_in_the_policy_terms():
     s = meter.summary()
     assert s["call_box_iou"] == 0.0 and s["point_in_target"] == 0.0 and s["distinct_calls"] == 0
     assert s["prompt_adherence"] is None and s["prompt_adherence_n"] == 0 and "oracle_giou" not in s
+    assert s["call_box_area_ratio"] is None
 
 
 def test_empty_targets_are_scored_by_lisas_rule_and_counted():

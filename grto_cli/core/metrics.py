@@ -8,8 +8,11 @@ skipped silently.
 Policy and tool diagnostics (fractions in [0, 1], ``GroundingMeter``): does the policy's call point
 at the target (``call_box_iou``, ``point_in_target``), does it answer differently for different
 queries (``distinct_calls``), does the tool keep to the call it was given (``prompt_adherence``), and
-how well does the tool do on ground-truth prompts for the same samples (``oracle_giou``, percent).
-A high gIoU with a low call box IoU and low adherence is a tool painting shapes whatever the box says.
+how well does the tool do on ground-truth prompts for the same samples (``oracle_giou``, percent),
+and how big are the call's boxes against the targets' (``call_box_area_ratio``, the median ratio).
+A high gIoU with a low call box IoU and low adherence is a tool painting shapes whatever the box says;
+high adherence with an area ratio well above 1 is a policy drawing loose boxes for the tool to fill
+(a box over the whole image has adherence 1).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ VAL_POINT_IN_TARGET = "val/point_in_target"
 VAL_DISTINCT_CALLS = "val/distinct_calls"  # distinct calls / queries
 VAL_PROMPT_ADHERENCE = "val/prompt_adherence"
 VAL_ORACLE_GIOU = "val/oracle_giou"
+VAL_BOX_AREA_RATIO = "val/box_area_ratio"  # median of the call's box area over the target box's
 SFT_LOSS = "sft/loss"
 PERF_STEP_SECONDS = "perf/step_seconds"  # wall clock of one RL step (rollouts, policy update, tool update)
 PERF_ROLLOUTS_PER_SECOND = "perf/rollouts_per_second"  # the global batch's rollouts over the step's seconds
@@ -108,6 +112,24 @@ def call_box_iou(call: ToolCall | None, target_box: Sequence[float]) -> float:
     (0.0, 0.0)
     """
     return box_iou(call.box, target_box) if call is not None and call.box is not None else 0.0
+
+
+def box_area_ratio(call: ToolCall | None, target_box: Sequence[float]) -> float | None:
+    """Area of the call's box over the target box's: 1 for a box of the target's size, above 1 for
+    a looser one. None without a box or with a degenerate target box.
+
+    >>> box_area_ratio(ToolCall(box=(0, 0, 4, 4)), [0, 0, 4, 2])
+    2.0
+    >>> box_area_ratio(ToolCall(points=((1, 1),)), [0, 0, 4, 2]) is None
+    True
+    """
+    if call is None or call.box is None:
+        return None
+    target = (target_box[2] - target_box[0]) * (target_box[3] - target_box[1])
+    if target <= 0:
+        return None
+    x1, y1, x2, y2 = call.box
+    return max(0.0, x2 - x1) * max(0.0, y2 - y1) / target
 
 
 def point_in_target(call: ToolCall | None, target: np.ndarray) -> float:
@@ -168,13 +190,14 @@ class GroundingMeter:
     Every sample with a target counts in the policy terms (an unparsable answer scores 0); an
     empty-target sample has no box to find and counts only in the oracle (no prompt: an empty
     mask). Adherence is averaged over the samples that have a box and a predicted mask
-    (``prompt_adherence_n``); the oracle is the tool's IoU on the ground-truth box and an interior
-    point of the same sample.
+    (``prompt_adherence_n``), the area ratio is the median over the samples whose call has a box;
+    the oracle is the tool's IoU on the ground-truth box and an interior point of the same sample.
     """
 
     box_ious: list[float] = field(default_factory=list)
     point_hits: list[float] = field(default_factory=list)
     adherence: list[float] = field(default_factory=list)
+    area_ratios: list[float] = field(default_factory=list)
     keys: list[tuple | None] = field(default_factory=list)
     oracle: SegmentationMeter = field(default_factory=lambda: SegmentationMeter())
 
@@ -189,6 +212,9 @@ class GroundingMeter:
         a = prompt_adherence(pred, call)
         if a is not None:
             self.adherence.append(a)
+        ratio = box_area_ratio(call, target_box)
+        if ratio is not None:
+            self.area_ratios.append(ratio)
         self.keys.append(call_key(call))
 
     def summary(self) -> dict:
@@ -198,7 +224,8 @@ class GroundingMeter:
                "point_in_target": float(np.mean(self.point_hits)) if n else 0.0,
                "distinct_calls": distinct, "distinct_call_ratio": distinct / n if n else 0.0,
                "prompt_adherence": float(np.mean(self.adherence)) if self.adherence else None,
-               "prompt_adherence_n": len(self.adherence)}
+               "prompt_adherence_n": len(self.adherence),
+               "call_box_area_ratio": float(np.median(self.area_ratios)) if self.area_ratios else None}
         if self.oracle.intersections:
             out["oracle_giou"] = self.oracle.summary()["giou"]
         return out

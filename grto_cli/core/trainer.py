@@ -44,8 +44,8 @@ from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, PERF_PEAK_GPU_MEM_GI
                                    PERF_STEP_SECONDS, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
                                    ROLLOUT_COMPLETION_TOKENS, ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE,
                                    ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
-                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_IOU, VAL_CIOU,
-                                   VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU, VAL_ORACLE_GIOU,
+                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_AREA_RATIO, VAL_BOX_IOU,
+                                   VAL_CIOU, VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU, VAL_ORACLE_GIOU,
                                    VAL_POINT_IN_TARGET, VAL_PROMPT_ADHERENCE, GroundingMeter, SegmentationMeter,
                                    distinct_calls)
 from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
@@ -453,6 +453,8 @@ class Trainer:
                VAL_DISTINCT_CALLS: g["distinct_call_ratio"], VAL_ORACLE_GIOU: g.get("oracle_giou", 0.0)}
         if g["prompt_adherence"] is not None:
             val[VAL_PROMPT_ADHERENCE] = g["prompt_adherence"]
+        if g["call_box_area_ratio"] is not None:
+            val[VAL_BOX_AREA_RATIO] = g["call_box_area_ratio"]
         return val
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -44,10 +44,10 @@ from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, PERF_PEAK_GPU_MEM_GI
                                    PERF_STEP_SECONDS, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU,
                                    ROLLOUT_COMPLETION_TOKENS, ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE,
                                    ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
-                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_AREA_RATIO, VAL_BOX_IOU,
-                                   VAL_CIOU, VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU, VAL_ORACLE_GIOU,
-                                   VAL_POINT_IN_TARGET, VAL_PROMPT_ADHERENCE, GroundingMeter, SegmentationMeter,
-                                   distinct_calls)
+                                   ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_BOX_AREA_RATIO,
+                                   VAL_BOX_IOU, VAL_CIOU, VAL_DISTINCT_CALLS, VAL_FORMAT_RATE, VAL_GIOU,
+                                   VAL_ORACLE_GIOU, VAL_POINT_IN_TARGET, VAL_PROMPT_ADHERENCE, GroundingMeter,
+                                   SegmentationMeter, distinct_calls)
 from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs

@@ -111,7 +111,8 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     write_run_record(out.parent / "run.json", "evaluate", {"evaluate": asdict(cfg), "policy": asdict(pol_cfg)},
                      {"manifest": manifest, "policy": paths.policy, "tool": paths.tool}, metrics)
     shown = ("n", "giou", "ciou", "precision@0.5", "format_rate", "n_unparsed", "call_box_iou", "point_in_target",
-             "distinct_calls", "prompt_adherence", "call_box_area_ratio", "oracle_giou") + (("n_empty_targets",) if meter.empty_targets else ())
+             "distinct_calls", "prompt_adherence", "call_box_area_ratio", "oracle_giou")
+    shown += ("n_empty_targets",) if meter.empty_targets else ()
     summary_table(f"evaluate {cfg.split}", {k: metrics[k] for k in shown})
     console.print(f"metrics written to {out}")
     return metrics

@@ -63,6 +63,16 @@ PERF_ROLLOUTS_PER_SECOND = "perf/rollouts_per_second"  # the global batch's roll
 PERF_PEAK_GPU_MEM_GIB = "perf/peak_gpu_mem_gib"  # CUDA only: the main process's peak allocated memory in the step
 
 
+def box_area(box: Sequence[float]) -> float:
+    """Area of an [x1, y1, x2, y2] box in pixel-edge coordinates; 0 for an empty or reversed one.
+
+    >>> box_area([1, 1, 4, 3]), box_area([4, 1, 1, 3])
+    (6.0, 0.0)
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
 def box_iou(box: Sequence[float], target_box: Sequence[float]) -> float:
     """IoU of two [x1, y1, x2, y2] boxes in pixel-edge coordinates (area = (x2 - x1) * (y2 - y1)).
 
@@ -76,7 +86,7 @@ def box_iou(box: Sequence[float], target_box: Sequence[float]) -> float:
     x1, y1, x2, y2 = (float(v) for v in box)
     tx1, ty1, tx2, ty2 = (float(v) for v in target_box)
     inter = max(0.0, min(x2, tx2) - max(x1, tx1)) * max(0.0, min(y2, ty2) - max(y1, ty1))
-    union = max(0.0, x2 - x1) * max(0.0, y2 - y1) + max(0.0, tx2 - tx1) * max(0.0, ty2 - ty1) - inter
+    union = box_area(box) + box_area(target_box) - inter
     if union <= 0:  # two empty boxes: a match only when they are the same box
         return 1.0 if tuple(map(float, box)) == tuple(map(float, target_box)) else 0.0
     return inter / union
@@ -125,11 +135,8 @@ def box_area_ratio(call: ToolCall | None, target_box: Sequence[float]) -> float 
     """
     if call is None or call.box is None:
         return None
-    target = (target_box[2] - target_box[0]) * (target_box[3] - target_box[1])
-    if target <= 0:
-        return None
-    x1, y1, x2, y2 = call.box
-    return max(0.0, x2 - x1) * max(0.0, y2 - y1) / target
+    target = box_area(target_box)
+    return box_area(call.box) / target if target > 0 else None
 
 
 def point_in_target(call: ToolCall | None, target: np.ndarray) -> float:

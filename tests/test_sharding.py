@@ -32,7 +32,7 @@ class _Recorder:
 def _policy(recorder: _Recorder, sharded: bool) -> Policy:
     tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
     return Policy(model=recorder, processor=SimpleNamespace(tokenizer=tokenizer), coord_convention="absolute",
-                  prompt_template="{query}", sharded_root=recorder if sharded else None)
+                  prompt_template="{query}", sharded_root=recorder if sharded else None, lockstep=sharded)
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -66,7 +66,8 @@ def test_layers_found_and_an_unsharded_model_is_whole(tiny_system):
         decoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_fsdp_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_data):
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_sharding_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_data, sharding):
     from grto_cli.core.data.records import read_manifest
     from grto_cli.core.policy import load_policy
     from grto_cli.core.tool import SamTool, load_sam
@@ -76,8 +77,8 @@ def test_fsdp_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_data
     sam, arch = load_sam(tiny_system / "tool")
     for lora in (None, LoraParams()):
         policy = load_policy(tiny_system / "policy")
-        with pytest.raises(ValueError, match="sharding: fsdp"):
+        with pytest.raises(ValueError, match=f"sharding: {sharding} shards a full fine-tune"):
             Trainer(RLConfig(method="grpo", queries_per_step=2, lora=lora), policy, SamTool(sam, arch), records,
-                    records, synthetic_data, memory=MemoryParams(sharding="fsdp"))
+                    records, synthetic_data, memory=MemoryParams(sharding=sharding))
     with pytest.raises(ValueError, match="sharding"):
-        MemoryParams(sharding="zero3").validate()
+        MemoryParams(sharding="zero2").validate()

@@ -27,12 +27,12 @@ def check_supported(engine: str, mixed_precision: str) -> None:
     >>> check_supported("DistributedType.FSDP", "no")
     Traceback (most recent call last):
     ...
-    ValueError: accelerate's DistributedType.FSDP is not used by grto: launch with configs/accelerate/ddp.yaml; to shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp (grto applies FSDP2 itself)
+    ValueError: accelerate's DistributedType.FSDP is not used by grto: launch with configs/accelerate/ddp.yaml; to shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp or zero3 (grto applies FSDP2 or DeepSpeed ZeRO-3 itself)
     """
     if engine not in SUPPORTED_ENGINES:
         raise ValueError(f"accelerate's {engine} is not used by grto: launch with configs/accelerate/ddp.yaml; to "
-                         f"shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp (grto applies "
-                         f"FSDP2 itself)")
+                         f"shard a full fine-tune that does not fit one GPU, set train.sharding: fsdp or zero3 (grto "
+                         f"applies FSDP2 or DeepSpeed ZeRO-3 itself)")
     if mixed_precision not in ("no", "MixedPrecisionType.NO"):
         raise ValueError(f"accelerate's mixed precision ({mixed_precision}) would change the math behind grto's "
                          f"back: launch with --mixed_precision no and set policy.dtype")

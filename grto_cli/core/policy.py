@@ -38,8 +38,11 @@ class Policy:
     prompt_template: str
     suppressed_ids: tuple[int, ...] = ()  # never sampled (MULTIMODAL_TOKEN_KEYS of the model's config)
     # Under train.sharding: fsdp, the FSDP root around the model (sharding.py): generation gathers
-    # its weights and runs in lockstep with the other processes.
+    # its weights (ZeRO-3's hooks gather each submodule's by themselves: zero3.py).
     sharded_root: torch.nn.Module | None = None
+    # A sharded policy (fsdp, zero3): every forward gathers weights from every process, so
+    # generation runs in lockstep with the other processes.
+    lockstep: bool = False
 
     @property
     def tokenizer(self):
@@ -257,7 +260,7 @@ def generate(policy: Policy, batch: dict, config: GenerationConfig,
     """Completions for an already-expanded prompt batch: (completion_ids, completion_mask); greedy,
     or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores."""
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
-    if policy.sharded_root is not None:  # every process steps until every process's rows have ended
+    if policy.lockstep:  # every process steps until every process's rows have ended
         extra["synced_gpus"] = True
     with gathered(policy.sharded_root):
         out = policy.model.generate(**batch, generation_config=config, **extra)

@@ -33,7 +33,8 @@ from typing import Callable, Iterator
 
 import torch
 
-SHARDINGS = ("none", "fsdp")
+SHARDINGS = ("none", "fsdp", "zero3")  # zero3: DeepSpeed ZeRO-3 (zero3.py)
+ENGINE = "FSDP"
 ROOT_PREFIX = "model."  # the root (trainer.PolicyLogprobs) holds the transformers model as .model
 
 

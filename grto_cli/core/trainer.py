@@ -13,8 +13,9 @@ Over N processes (``distributed.Processes``) the math is one process's: each tak
 block of whole groups from the same global draw, a group's sampling noise is keyed by (seed, step,
 group) alone, the loss normalisers and logged statistics are sums over the global batch, and the
 gradients are summed by DDP (each process's loss is its share of the global loss, times N, since
-DDP averages), or, for a full fine-tune under ``memory.sharding == "fsdp"``, reduce-scattered by
-FSDP2 over a policy whose weights and AdamW states are split across the processes (sharding.py).
+DDP averages), or, for a full fine-tune under ``memory.sharding``, reduce-scattered over a policy
+whose weights and AdamW states are split across the processes: by FSDP2 (``fsdp``, sharding.py) or
+by DeepSpeed ZeRO-3 (``zero3``, zero3.py, whose engine then takes the backward and the step).
 Val predictions are spread over the processes and gathered; only the main process writes
 checkpoints and the best system.
 """
@@ -31,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from grto_cli.core import sharding, zero3
 from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_system
 from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.data.images import load_rgb
@@ -52,8 +54,7 @@ from grto_cli.core.policy import LOGPROB_CHUNK, Policy, vision_tower
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import RolloutBatch, SamplingParams, rollout_group, rollout_logprobs
 from grto_cli.core.sampling import rollout_key
-from grto_cli.core.sharding import (SHARDINGS, full_model_state, full_optimizer_state, load_full_model_state,
-                                    load_full_optimizer_state, shard)
+from grto_cli.core.sharding import SHARDINGS, shard
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
 SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
@@ -120,8 +121,8 @@ class MemoryParams:
 
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the policy
     logprob_chunk: int = LOGPROB_CHUNK  # completion tokens whose full-vocabulary logits exist at once
-    # none: a whole policy per process (DDP); fsdp: a full fine-tune's weights, gradients and AdamW
-    # states split over the processes (sharding.py)
+    # none: a whole policy per process (DDP); fsdp / zero3: a full fine-tune's weights, gradients and
+    # AdamW states split over the processes, by FSDP2 (sharding.py) or DeepSpeed ZeRO-3 (zero3.py)
     sharding: str = "none"
 
     def validate(self) -> None:
@@ -173,10 +174,14 @@ class Trainer:
         self.local = self.processes.block(cfg.queries_per_step, "queries per step (train.queries_per_step)")
         self.memory = memory or MemoryParams()
         self.memory.validate()
-        self.sharded = self.memory.sharding == "fsdp"
+        self.sharded = self.memory.sharding != "none"
+        self.zero3 = self.memory.sharding == "zero3"  # DeepSpeed's engine runs the policy's backward and step
+        # The module that gathers and scatters a sharded policy's whole states (the same functions in each).
+        self.layout = {"fsdp": sharding, "zero3": zero3}.get(self.memory.sharding)
         if self.sharded and (cfg.lora is not None or not self.processes.distributed):
-            raise ValueError("train.sharding: fsdp shards a full fine-tune (train.lora: null) over several processes "
-                             "(accelerate launch --num_processes N); LoRA and a lone process use sharding: none")
+            raise ValueError(f"train.sharding: {self.memory.sharding} shards a full fine-tune (train.lora: null) over "
+                             f"several processes (accelerate launch --num_processes N); LoRA and a lone process use "
+                             f"sharding: none")
         self.train_records, self.val_records, self.root = train_records, val_records, root
         self.require_think = require_think
         self.state = TrainState()
@@ -192,17 +197,27 @@ class Trainer:
         if not self.train_tool:
             tool.sam.requires_grad_(False)
         # The passes whose gradients are summed over processes (the modules themselves when alone):
-        # DDP, or FSDP's shards (the optimiser is built on the sharded parameters, so after this).
-        if self.sharded:
+        # DDP, FSDP's shards (the optimiser is built on the sharded parameters, so after this), or a
+        # ZeRO-3 engine (built from an optimiser on the whole parameters, which it then partitions).
+        def adamw() -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
+                                     lr=cfg.policy_lr, weight_decay=0.0)
+
+        if self.memory.sharding == "fsdp":
             self.policy_pass = shard(PolicyLogprobs(policy.model), policy.model, vision_tower(policy.model))
             self.reference = shard(PolicyLogprobs(reference), reference, vision_tower(reference)) if reference else None
             policy.sharded_root = self.policy_pass
-            self.processes.lockstep = True
+            self.policy_opt = adamw()
+        elif self.zero3:
+            self.policy_pass, self.policy_opt = zero3.initialize(PolicyLogprobs(policy.model), adamw(),
+                                                                 cfg.max_grad_norm)
+            self.reference = zero3.initialize_frozen(PolicyLogprobs(reference)) if reference else None
         else:
             self.policy_pass = self.processes.wrap(PolicyLogprobs(policy.model))
             self.reference = PolicyLogprobs(reference) if reference is not None else None
-        self.policy_opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad],
-                                            lr=cfg.policy_lr, weight_decay=0.0)
+            self.policy_opt = adamw()
+        if self.sharded:  # every process runs every forward of the policy: generation included
+            policy.lockstep = self.processes.lockstep = True
         self.tool_opt = tool_optimizer(tool, cfg.tool_lr) if self.train_tool else None
         self.tool_pass = self.processes.wrap(ToolLossTerms(tool)) if self.train_tool else None
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -281,7 +296,8 @@ class Trainer:
         log(self.state.step, val)
         if self.state.best_val_giou is None or val[VAL_GIOU] > self.state.best_val_giou:
             self.state.best_val_giou, self.state.best_step = val[VAL_GIOU], self.state.step
-            policy_state = full_model_state(self.policy_pass) if self.sharded else None  # every process
+            # Gathered by every process when the policy is sharded, written by the main one.
+            policy_state = self.layout.full_model_state(self.policy_pass) if self.sharded else None
             if self.processes.is_main:
                 with atomic_dir(run.best) as tmp:
                     save_system(self.policy, self.tool, tmp, policy_state=policy_state)
@@ -378,11 +394,15 @@ class Trainer:
         ref_logp = self.reference_logprobs(batch)
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
-            self.policy_opt.zero_grad()
-            stats = self.accumulate_policy_gradients(batch, advantages, old_logp, ref_logp)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.max_grad_norm)
-            self.policy_opt.step()
+            if self.zero3:  # the engine clips, steps and zeroes the gradients itself
+                stats = self.accumulate_policy_gradients(batch, advantages, old_logp, ref_logp)
+                grad_norm = zero3.step(self.policy_pass)
+            else:
+                self.policy_opt.zero_grad()
+                stats = self.accumulate_policy_gradients(batch, advantages, old_logp, ref_logp)
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                           cfg.max_grad_norm)
+                self.policy_opt.step()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
         totals[POLICY_GRAD_NORM] = float(grad_norm)
@@ -402,8 +422,9 @@ class Trainer:
         starts = range(0, mask.shape[0], cfg.micro_batch)
         for k, s in enumerate(starts):
             rows = slice(s, s + cfg.micro_batch)
-            # Gradients are summed over processes once, after the last micro-batch's backward.
-            sync = k == len(starts) - 1
+            # Gradients are summed over processes once, after the last micro-batch's backward (ZeRO-3
+            # reduce-scatters each backward's into this process's partition, and accumulates there).
+            sync = k == len(starts) - 1 or self.zero3
             with contextlib.nullcontext() if sync else processes.no_sync(self.policy_pass):
                 logp = self.policy_pass(batch, rows, cfg.sampling.temperature, self.policy.suppressed_ids,
                                         self.memory.logprob_chunk)  # (n, L)
@@ -411,7 +432,11 @@ class Trainer:
                 out = policy_loss(logp, old, advantages[rows].to(logp.device), mask[rows],
                                   ref_logp[rows] if ref_logp is not None else None, cfg.beta,
                                   cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
-                (out.loss * processes.world_size).backward()  # DDP averages over processes; the loss is a share
+                loss = out.loss * processes.world_size  # DDP (and ZeRO-3) average over processes; the loss is a share
+                if self.zero3:
+                    zero3.backward(self.policy_pass, loss)
+                else:
+                    loss.backward()
             # Losses are already this micro-batch's share of the whole-batch loss, so they add up;
             # per-token means are weighted by the micro-batch's share of tokens.
             share = float(mask[rows].sum()) / total_tokens
@@ -467,8 +492,8 @@ class Trainer:
         self.state.world_size = self.processes.world_size
         policy_state, optimizer_states = None, None
         if self.sharded:  # gathered by every process, written by the main one
-            policy_state = full_model_state(self.policy_pass)
-            optimizer_states = {"policy": full_optimizer_state(self.policy_pass, self.policy_opt)}
+            policy_state = self.layout.full_model_state(self.policy_pass)
+            optimizer_states = {"policy": self.layout.full_optimizer_state(self.policy_pass, self.policy_opt)}
         if self.processes.is_main:
             save_resume(directory, self.policy, self.tool, self._optimizers(), {"state": asdict(self.state)},
                         policy_state, optimizer_states)
@@ -478,8 +503,8 @@ class Trainer:
         the batches and sampling noise are functions of (seed, step), not of the process layout."""
         loaders = {}
         if self.sharded:
-            loaders = {"load_policy_state": lambda read: load_full_model_state(self.policy_pass, read),
-                       "optimizer_loaders": {"policy": lambda state: load_full_optimizer_state(
+            loaders = {"load_policy_state": lambda read: self.layout.load_full_model_state(self.policy_pass, read),
+                       "optimizer_loaders": {"policy": lambda state: self.layout.load_full_optimizer_state(
                            self.policy_pass, self.policy_opt, state)}}
         saved = load_resume(directory, self.policy, self.tool, self._optimizers(), **loaders)
         self.state = TrainState(**saved["state"])

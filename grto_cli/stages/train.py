@@ -17,7 +17,6 @@ from grto_cli.core.checkpoint import TOOL_DIR, RunDir, copy_system, input_finger
 from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
-from grto_cli.core.sharding import sharded_fraction
 from grto_cli.core.trainer import MemoryParams, RLConfig, Schedule, Trainer
 from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, join_processes, pick_device, pick_dtype,
                                     policy_params, progress_bar, quiet_transformers, set_threads, stage_config,
@@ -113,8 +112,9 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +
                   (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else "") +
                   (f", {processes.world_size} processes" if processes.distributed else "") +
-                  (f", policy sharded (FSDP: {sharded_fraction(trainer.policy.model):.0%} of its weights on this "
-                   f"process)" if trainer.sharded else ""))
+                  (f", policy sharded ({trainer.layout.ENGINE}: "
+                   f"{trainer.layout.sharded_fraction(trainer.policy.model):.0%} of its weights on this process)"
+                   if trainer.sharded else ""))
     # Curves go to the run's own directory (so two configurations never write into one file) and
     # are published to `train.live` when the run ends.
     started = time.perf_counter()

@@ -82,3 +82,13 @@ def test_sharding_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_
                     records, synthetic_data, memory=MemoryParams(sharding=sharding))
     with pytest.raises(ValueError, match="sharding"):
         MemoryParams(sharding="zero2").validate()
+
+
+def test_zero3_without_deepspeed_installed_is_a_clear_error(monkeypatch):
+    import sys
+
+    from grto_cli.core import zero3
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets where it is absent
+    with pytest.raises(ValueError, match=r"pip install 'grto\[deepspeed\]'"):
+        zero3.initialize(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), 1.0)

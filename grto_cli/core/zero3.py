@@ -55,12 +55,17 @@ def _config(max_grad_norm: float | None, optimizer: bool) -> dict:
     return config
 
 
-def _quiet() -> None:
+def _deepspeed():
+    """The deepspeed package, or a clear error where it is not installed (it is an extra)."""
     import logging
 
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)  # the engine's config dump and per-step lines
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ValueError(f"train.sharding: zero3 needs DeepSpeed, which is not installed ({exc}): "
+                         f"pip install 'grto[deepspeed]', or set train.sharding: fsdp") from None
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # the engine's config dump and per-step lines
+    return deepspeed
 
 
 def initialize(root: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None):
@@ -68,9 +73,7 @@ def initialize(root: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad
     trains them with ``optimizer`` (built on the whole, unpartitioned parameters). Returns
     ``(engine, engine_optimizer)``: call ``engine(...)``, ``backward`` and ``step`` instead of the
     module, ``loss.backward()`` and the optimiser."""
-    import deepspeed
-
-    _quiet()
+    deepspeed = _deepspeed()
     engine, engine_optimizer, _, _ = deepspeed.initialize(model=root, optimizer=optimizer,
                                                           config=_config(max_grad_norm, optimizer=True),
                                                           dist_init_required=False)
@@ -79,9 +82,7 @@ def initialize(root: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad
 
 def initialize_frozen(root: torch.nn.Module) -> torch.nn.Module:
     """A frozen ``root`` (the reference) partitioned over the processes, for forwards only."""
-    import deepspeed
-
-    _quiet()
+    deepspeed = _deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=root, config=_config(None, optimizer=False), dist_init_required=False)
     engine.eval()  # (the engine's eval() returns None, not the module)
     return engine

@@ -5,6 +5,7 @@ plain one-process run, for train (weights, resume), evaluate (predictions, metri
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,16 +96,7 @@ def test_two_processes_train_what_one_does_and_resume(project, one_process_run, 
     assert json.loads((_last(two) / "state.json").read_text())["state"]["world_size"] == 2
     _grto(project, 2, "train", "--set", "train.steps=3", *common)
     assert json.loads((out / "train_state.json").read_text())["resumed_from"] == 2
-    a, b = _weights(_last(one_process_run)), _weights(_last(two))
-    base = _weights(project / "models/base")
-    assert a.keys() == b.keys()
-    assert a.keys() == base.keys()
-    for part, tolerance in _tolerances(project).items():
-        keys = [k for k in a if k.startswith("tool.") == (part == "tool")]
-        moved = max((a[k] - base[k]).abs().max().item() for k in keys)
-        assert moved > 3 * tolerance, (part, moved)  # the runs really trained (3 steps of up to lr each)
-        diff = max((a[k] - b[k]).abs().max().item() for k in keys)
-        assert diff < tolerance, f"2-process {part} weights differ from 1-process by {diff}"
+    _assert_same_weights(project, _last(one_process_run), _last(two), steps=3)
     # The AdamW states were saved whole (a sharded run's too): the same as one process's.
     opt_a = torch.load(_last(one_process_run) / "optim.pt", weights_only=True)["policy"]["state"]
     opt_b = torch.load(_last(two) / "optim.pt", weights_only=True)["policy"]["state"]
@@ -127,6 +119,29 @@ def test_two_processes_train_what_one_does_and_resume(project, one_process_run, 
             assert x == y, one_curve  # the very same completions and calls
     # One set of curves and one output, written by the main process.
     assert (out / "policy").is_dir() and live.is_dir()
+    if sharding == "zero3":
+        # Another process count and no sharding: one process takes the ZeRO-3 checkpoint (whole
+        # states) from step 3 to 4, as it takes its own one-process checkpoint.
+        for name, run in (("one", one_process_run), ("zero3", two)):
+            shutil.copytree(run, project / f"ck4_{name}")
+            _grto(project, 1, "train", "--set", "train.steps=4", "--set",
+                  f"train.checkpoints={project / f'ck4_{name}'}", "--set", f"train.out={project / f'out4_{name}'}",
+                  "--set", f"train.live={project / f'live4_{name}'}", *SMALL)
+            assert json.loads((project / f"out4_{name}/train_state.json").read_text())["resumed_from"] == 3
+        _assert_same_weights(project, _last(project / "ck4_one"), _last(project / "ck4_zero3"), steps=4)
+
+
+def _assert_same_weights(project: Path, one: Path, other: Path, steps: int) -> None:
+    """Policy and tool weights of two systems equal to each part's tolerance, after ``steps`` steps
+    that really moved them."""
+    a, b, base = _weights(one), _weights(other), _weights(project / "models/base")
+    assert a.keys() == b.keys() == base.keys()
+    for part, tolerance in _tolerances(project).items():
+        keys = [k for k in a if k.startswith("tool.") == (part == "tool")]
+        moved = max((a[k] - base[k]).abs().max().item() for k in keys)
+        assert moved > steps * tolerance, (part, moved)  # the runs really trained (over lr / 3 a step)
+        diff = max((a[k] - b[k]).abs().max().item() for k in keys)
+        assert diff < tolerance, f"{other}: {part} weights differ from {one}'s by {diff}"
 
 
 def _curve(path: Path) -> dict[int, float]:

@@ -119,16 +119,17 @@ def test_two_processes_train_what_one_does_and_resume(project, one_process_run, 
             assert x == y, one_curve  # the very same completions and calls
     # One set of curves and one output, written by the main process.
     assert (out / "policy").is_dir() and live.is_dir()
-    if sharding == "zero3":
-        # Another process count and no sharding: one process takes the ZeRO-3 checkpoint (whole
-        # states) from step 3 to 4, as it takes its own one-process checkpoint.
-        for name, run in (("one", one_process_run), ("zero3", two)):
+    if sharding != "none":
+        # Another process count and no sharding: one process takes the sharded run's checkpoint
+        # (whole states) from step 3 to 4, as it takes its own one-process checkpoint.
+        for name, run in ((f"one_{sharding}", one_process_run), (sharding, two)):
             shutil.copytree(run, project / f"ck4_{name}")
             _grto(project, 1, "train", "--set", "train.steps=4", "--set",
                   f"train.checkpoints={project / f'ck4_{name}'}", "--set", f"train.out={project / f'out4_{name}'}",
                   "--set", f"train.live={project / f'live4_{name}'}", *SMALL)
             assert json.loads((project / f"out4_{name}/train_state.json").read_text())["resumed_from"] == 3
-        _assert_same_weights(project, _last(project / "ck4_one"), _last(project / "ck4_zero3"), steps=4)
+        _assert_same_weights(project, _last(project / f"ck4_one_{sharding}"), _last(project / f"ck4_{sharding}"),
+                             steps=4)
 
 
 def _assert_same_weights(project: Path, one: Path, other: Path, steps: int) -> None:

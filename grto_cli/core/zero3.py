@@ -198,9 +198,14 @@ def load_full_optimizer_state(engine, engine_optimizer, state: dict) -> None:
 
     adam, flats = _adam(engine_optimizer)
     saved = state.get("state", {}) if _is_main() else {}
-    header = [float(next(iter(saved.values()))["step"]) if saved else None]
+    # An unsharded run's AdamW state is keyed by position, not by name: refused on every process.
+    unnamed = "an unsharded run's checkpoint" if any(not isinstance(k, str) for k in saved) else None
+    header = [float(next(iter(saved.values()))["step"]) if saved else None, unnamed]
     torch.distributed.broadcast_object_list(header, src=0)
-    (step,) = header
+    step, unnamed = header
+    if unnamed:
+        raise ValueError(f"train.sharding: zero3 cannot resume {unnamed} (AdamW's state keyed by position, not by "
+                         f"parameter name): resume it with train.sharding: none, or start the sharded run afresh")
     if step is None:
         return  # saved before the first step: AdamW has no state yet
     for flat in flats:  # AdamW creates its state at the first step: create it here, then fill it

@@ -111,7 +111,8 @@ def full_model_state(root: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix(ROOT_PREFIX): v for k, v in state.items()}
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Whether this process writes whole states (rank 0 of the process group; zero3.py too)."""
     return torch.distributed.get_rank() == 0
 
 
@@ -120,7 +121,7 @@ def load_full_model_state(root: torch.nn.Module, read: Callable[[], dict[str, to
     ``read()``s it and sends each tensor to the others (so N processes never hold N whole copies)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    state = {ROOT_PREFIX + k: v for k, v in read().items()} if _is_main() else {}
+    state = {ROOT_PREFIX + k: v for k, v in read().items()} if is_main_process() else {}
     set_model_state_dict(root, state, options=_options(broadcast_from_rank0=True))
 
 
@@ -137,5 +138,5 @@ def load_full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Opti
     others' ``state`` is never read: a memory-mapped file stays on disk)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(root, optimizer, optim_state_dict=state if _is_main() else {},
+    set_optimizer_state_dict(root, optimizer, optim_state_dict=state if is_main_process() else {},
                              options=_options(broadcast_from_rank0=True))

@@ -174,10 +174,10 @@ class Trainer:
         self.local = self.processes.block(cfg.queries_per_step, "queries per step (train.queries_per_step)")
         self.memory = memory or MemoryParams()
         self.memory.validate()
-        self.sharded = self.memory.sharding != "none"
-        self.zero3 = self.memory.sharding == "zero3"  # DeepSpeed's engine runs the policy's backward and step
         # The module that gathers and scatters a sharded policy's whole states (the same functions in each).
         self.layout = {"fsdp": sharding, "zero3": zero3}.get(self.memory.sharding)
+        self.sharded = self.layout is not None
+        self.zero3 = self.layout is zero3  # DeepSpeed's engine runs the policy's backward and step
         if self.sharded and (cfg.lora is not None or not self.processes.distributed):
             raise ValueError(f"train.sharding: {self.memory.sharding} shards a full fine-tune (train.lora: null) over "
                              f"several processes (accelerate launch --num_processes N); LoRA and a lone process use "

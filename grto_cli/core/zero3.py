@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from grto_cli.core.sharding import is_main_process
+
 ENGINE = "ZeRO-3"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -111,14 +113,12 @@ def sharded_fraction(model: torch.nn.Module) -> float:
 # ----------------------------------------------------------------------------- whole states
 
 
-def _is_main() -> bool:
-    return torch.distributed.get_rank() == 0
-
-
 def _broadcast(value: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
     """The main process's ``value`` on every process (the others pass None)."""
-    out = value.to(device=device, dtype=dtype).contiguous() if _is_main() else torch.empty(shape, dtype=dtype,
-                                                                                          device=device)
+    if is_main_process():
+        out = value.to(device=device, dtype=dtype).contiguous()
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
     torch.distributed.broadcast(out, src=0)
     return out
 
@@ -135,7 +135,7 @@ def full_model_state(engine) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, tensor in engine.module.model.state_dict(keep_vars=True).items():
         with GatheredParameters([tensor], enabled=hasattr(tensor, "ds_id")):
-            if _is_main():
+            if is_main_process():
                 state[name] = tensor.detach().to("cpu", copy=True)
     return state
 
@@ -147,9 +147,9 @@ def load_full_model_state(engine, read: Callable[[], dict[str, torch.Tensor]]) -
     from deepspeed.utils import safe_set_full_fp32_param
     from deepspeed.runtime.zero import GatheredParameters
 
-    state = read() if _is_main() else {}
+    state = read() if is_main_process() else {}
     for name, tensor in engine.module.model.state_dict(keep_vars=True).items():  # the same order everywhere
-        if _is_main() and name not in state:
+        if is_main_process() and name not in state:
             raise KeyError(f"checkpoint has no weight {name!r} for the {type(engine.module.model).__name__} policy")
         value = _broadcast(state.get(name), _shape(tensor), tensor.dtype, tensor.device)
         if not hasattr(tensor, "ds_id"):  # a buffer: whole on every process
@@ -181,14 +181,14 @@ def full_optimizer_state(engine, engine_optimizer) -> dict:
     group = {k: v for k, v in adam.param_groups[0].items() if k != "params"}
     out: dict = {"state": {}, "param_groups": [{**group, "params": [name for name, _ in params]}]}
     if flats[0] not in adam.state:
-        return out if _is_main() else {}
+        return out if is_main_process() else {}
     step = adam.state[flats[0]]["step"]
     for name, p in params:
         states = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_STATES}  # every process gathers
-        if _is_main():
+        if is_main_process():
             out["state"][name] = {"step": step.detach().clone().cpu(),
                                   **{key: v.detach().to("cpu", copy=True) for key, v in states.items()}}
-    return out if _is_main() else {}
+    return out if is_main_process() else {}
 
 
 def load_full_optimizer_state(engine, engine_optimizer, state: dict) -> None:
@@ -197,7 +197,7 @@ def load_full_optimizer_state(engine, engine_optimizer, state: dict) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     adam, flats = _adam(engine_optimizer)
-    saved = state.get("state", {}) if _is_main() else {}
+    saved = state.get("state", {}) if is_main_process() else {}
     # An unsharded run's AdamW state is keyed by position, not by name: refused on every process.
     unnamed = "an unsharded run's checkpoint" if any(not isinstance(k, str) for k in saved) else None
     header = [float(next(iter(saved.values()))["step"]) if saved else None, unnamed]
@@ -214,8 +214,8 @@ def load_full_optimizer_state(engine, engine_optimizer, state: dict) -> None:
         for key in ADAM_STATES:
             entry.setdefault(key, torch.zeros_like(flat))
     for name, p in _trainable(engine):
-        if _is_main() and name not in saved:
+        if is_main_process() and name not in saved:
             raise KeyError(f"checkpoint's optimiser state has no entry for {name!r}")
         for key in ADAM_STATES:
-            value = _broadcast(saved[name][key] if _is_main() else None, p.ds_shape, torch.float32, p.device)
+            value = _broadcast(saved[name][key] if is_main_process() else None, p.ds_shape, torch.float32, p.device)
             safe_set_full_optimizer_state(p, value, key)

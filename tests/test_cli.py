@@ -45,6 +45,17 @@ def test_pretrain_then_evaluate_writes_metrics_predictions_and_sheet(tmp_path, m
     assert metrics["call_box_iou"] == pytest.approx(sum(r["call_box_iou"] for r in rows) / 6)
     # gIoU is the mean of the per-sample IoUs the predictions file reports.
     assert abs(metrics["giou"] - 100 * sum(r["iou"] for r in rows) / 6) < 1e-6
+    # Per query kind: each kind's own means, over that kind's rows of the predictions file.
+    kinds = {json.loads(line)["id"]: json.loads(line)["meta"]["query_kind"]
+             for line in (tmp_path / "data/prepared/synthetic/testB.jsonl").read_text().splitlines()}
+    by_kind = metrics["by_query_kind"]
+    assert sum(v["n"] for v in by_kind.values()) == 6
+    for kind, v in by_kind.items():
+        mine = [r for r in rows if kinds[r["id"]] == kind]
+        assert all(r["query_kind"] == kind for r in mine)  # each prediction row names its record's kind
+        assert v["n"] == len(mine)
+        assert v["point_in_target"] == pytest.approx(sum(r["point_in_target"] for r in mine) / len(mine))
+        assert v["giou"] == pytest.approx(100 * sum(r["iou"] for r in mine) / len(mine))
     assert (tmp_path / "res/testB/overlays.png").stat().st_size > 0
     assert (tmp_path / "plots" / "metrics").exists() is False  # nothing stray in the cwd
     assert (tmp_path / "results/pretrain/policy/plots/metrics/sft/loss.tsv").is_file()

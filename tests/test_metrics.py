@@ -151,3 +151,14 @@ def test_an_empty_target_has_no_oracle_prompt_and_stays_out_of_training(tmp_path
     Image.new("RGB", (10, 10)).save(tmp_path / "x.png")
     write_manifest(tmp_path / "train.jsonl", [full, empty])
     assert [r.id for r in training_records(tmp_path / "train.jsonl")] == ["r0"]
+
+
+def test_by_group_means_each_kind_apart_and_leaves_out_ungrouped_samples():
+    from grto_cli.core.metrics import by_group
+
+    out = by_group(["b", "a", None, "a"], hit=[1.0, 0.0, 1.0, 1.0], iou=[0.2, 0.4, 0.9, 0.6])
+    assert list(out) == ["a", "b"]
+    assert out["a"] == pytest.approx({"n": 2, "hit": 0.5, "iou": 0.5})
+    assert out["b"] == pytest.approx({"n": 1, "hit": 1.0, "iou": 0.2})
+    with pytest.raises(ValueError, match="hit: 1 values for 2 samples"):
+        by_group(["a", "b"], hit=[1.0])

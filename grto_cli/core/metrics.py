@@ -238,6 +238,26 @@ class GroundingMeter:
         return out
 
 
+def by_group(groups: Sequence[str | None], **values: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Per-group means of each named per-sample value, with each group's sample count ``n``; samples
+    whose group is None are left out. Groups come out sorted by name.
+
+    A mean over mixed query kinds hides a policy that gets better on one kind and worse on another:
+    on the embedded default RL raised "the red circle" queries while "the largest ..." fell.
+
+    >>> by_group(["a", "b", "a", None], hit=[1.0, 0.0, 0.0, 1.0])
+    {'a': {'n': 2, 'hit': 0.5}, 'b': {'n': 1, 'hit': 0.0}}
+    """
+    for name, v in values.items():
+        if len(v) != len(groups):
+            raise ValueError(f"{name}: {len(v)} values for {len(groups)} samples")
+    out: dict[str, dict[str, float]] = {}
+    for g in sorted({g for g in groups if g is not None}):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        out[g] = {"n": len(idx), **{name: float(np.mean([v[i] for i in idx])) for name, v in values.items()}}
+    return out
+
+
 def sample_iou(intersection: int, union: int) -> float:
     # Both masks empty: nothing to find and nothing found counts as a perfect match.
     return 1.0 if union == 0 else intersection / union

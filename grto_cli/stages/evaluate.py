@@ -11,10 +11,10 @@ import numpy as np
 from grto_cli.core.checkpoint import system_paths
 from grto_cli.core.config import check_choice
 from grto_cli.core.data.masks import decode_rle, encode_rle
-from grto_cli.core.data.records import read_manifest
+from grto_cli.core.data.records import QUERY_KIND, read_manifest
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.io import write_json, write_jsonl
-from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, call_box_iou, point_in_target
+from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, by_group, call_box_iou, point_in_target
 from grto_cli.core.visualize import overlay_sheet
 from grto_cli.stages.common import (console, join_processes, policy_params, progress_bar, quiet_transformers,
                                     set_threads, stage_config, summary_table, tool_params, write_run_record)
@@ -103,6 +103,11 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     if cod_meter is not None:
         metrics.update(cod_meter.summary())
     metrics.update({"split": cfg.split, "n_skipped_records": report.n_skipped, "parse_status": dict(statuses)})
+    kinds = [row.get(QUERY_KIND) for row in rows]
+    if any(k is not None for k in kinds):  # the synthetic set's query kinds: where the policy is right or wrong
+        metrics["by_query_kind"] = by_group(kinds, giou=[100 * r["iou"] for r in rows],
+                                            call_box_iou=[r["call_box_iou"] for r in rows],
+                                            point_in_target=[r["point_in_target"] for r in rows])
     if not processes.is_main:
         return metrics  # every process saw every prediction; the main one writes
     write_jsonl(out.parent / "predictions.jsonl", rows)
@@ -124,7 +129,8 @@ def _prediction_row(pred: Prediction, iou: float, meter: SegmentationMeter, targ
             "status": pred.parsed.status, "call": call.to_dict() if call else None,
             "iou": iou, "intersection": meter.intersections[-1], "union": meter.unions[-1],
             "call_box_iou": call_box_iou(call, pred.record.bbox), "point_in_target": point_in_target(call, target),
-            "mask": encode_rle(pred.mask)}
+            "mask": encode_rle(pred.mask),
+            **({QUERY_KIND: pred.record.meta[QUERY_KIND]} if QUERY_KIND in pred.record.meta else {})}
 
 
 def _visual_row(pred: Prediction, target: np.ndarray, iou: float, root: Path) -> dict:

@@ -18,6 +18,9 @@ from grto_cli.core.data.masks import Rle, decode_rle, encode_rle, mask_bbox
 from grto_cli.core.io import write_jsonl
 
 RECORD_FIELDS = ("id", "image", "width", "height", "query", "mask", "bbox", "dataset", "split")
+# meta key of a record's query kind, where its dataset has kinds (synthetic: attribute, relation, ...);
+# `grto evaluate` breaks its metrics down by it.
+QUERY_KIND = "query_kind"
 # meta key of a deliberate no-target sample (EarthReason's, kept with `prepare.keep_empty`): its mask
 # is empty and it is scored by LISA's rule (an empty prediction on an empty target has IoU 1).
 EMPTY_TARGET = "empty_target"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from grto_cli.core.data.records import Record, record_from_mask
+from grto_cli.core.data.records import QUERY_KIND, Record, record_from_mask
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -228,5 +228,5 @@ def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
             i = len(records)
             records.append(record_from_mask(
                 f"synthetic-{split}-{i:05d}", rel, query.text, masks[query.target], "synthetic", split,
-                meta={"query_kind": query.kind, "composition": query.composition}))
+                meta={QUERY_KIND: query.kind, "composition": query.composition}))
     return records

@@ -43,6 +43,19 @@ def test_flat_group_is_exactly_zero(dtype, eps):
     assert frac == 1.0
 
 
+def test_a_near_flat_group_gets_near_zero_advantages_not_plus_minus_one():
+    """Rewards that differ by far less than eps (a pixel of jitter in a continuous IoU): eps keeps
+    them from being blown up to +-1 like a group that splits right from wrong."""
+    jitter = torch.tensor([0.5, 0.5 + 1e-7, 0.5 - 1e-7, 0.5], dtype=torch.float64)
+    split = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    adv, frac = group_advantages(torch.cat([jitter, split]), 4)
+    assert frac == 0.0  # not flat: the rewards differ
+    assert adv[:4].abs().max() < 1e-2, adv[:4].tolist()  # (r - mean) / (std + eps): about 1e-3 at most
+    assert adv[4:].abs().tolist() == pytest.approx([1.0] * 4, abs=1e-3)
+    # The group's order is kept: the higher reward still gets the higher advantage.
+    assert adv[1] > adv[0] > adv[2]
+
+
 def test_zero_std_fraction():
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.2, 0.3])
     _, frac = group_advantages(rewards, 2)

@@ -6,7 +6,6 @@ dvclive curve files, train and bootstrap run records); nothing trains.
 
 from __future__ import annotations
 
-import doctest
 import json
 import statistics
 from pathlib import Path
@@ -84,11 +83,6 @@ def make_study(root: Path, skip: tuple[str, int] | None = None) -> dict:
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"study": cfg}))
     return cfg
-
-
-def test_doctests_of_the_report_functions():
-    result = doctest.testmod(report)
-    assert result.attempted >= 8 and result.failed == 0
 
 
 def test_report_tables_hold_mean_and_std_over_seeds(tmp_path):

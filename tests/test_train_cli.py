@@ -183,13 +183,10 @@ def test_auto_dtype_trains_float32_weights_in_a_full_fine_tune():
     """`policy.dtype: auto` is bf16 on CUDA, which the trainer refuses for a full fine-tune (the
     embedded default's `train.lora: null` failed so on an H200): train resolves auto to float32 there,
     keeps auto with LoRA, and leaves an explicit dtype to the trainer's check."""
-    import doctest
-
     import grto_cli.stages.train as train_stage
     from grto_cli.core.trainer import LoraParams, RLConfig
     from grto_cli.stages.common import PolicyParams
 
-    assert doctest.testmod(train_stage).failed == 0
     full, lora = RLConfig(lora=None), RLConfig(lora=LoraParams())
     assert train_stage.training_policy_params(PolicyParams(dtype="auto", device="cuda"), full).dtype == "float32"
     assert train_stage.training_policy_params(PolicyParams(dtype="auto", device="cuda"), lora).dtype == "auto"

@@ -8,19 +8,15 @@ each part takes and how much GPU memory it peaks at. Prints one line per part an
 
 The policy is a ``Qwen2_5_VLForConditionalGeneration`` built from the 3B / 7B architecture (random
 init: speed and memory do not depend on training), the tool SAM ViT-H (``build_sam("vit_h")``,
-random init) in a ``SamTool``. Everything a step does goes through grto's own code: ``Trainer``
-wraps the policy (LoRA as ``Trainer._wrap_lora``; full fine-tuning as
-``Trainer._prepare_full_finetune``, which refuses AdamW on bf16 weights, so ``--mode full`` builds
-the policy in float32), prompts come from ``encode_prompts`` / ``expand_prompts``, sampling from
-``generate`` with grto's ``sampling_config``, log-probs from ``Trainer.logprobs`` /
-``Trainer.reference_logprobs``, the loss from ``grpo.policy_loss``, the tool from
-``SamTool.embed`` / ``decode``, rewards from ``compute_rewards`` and the tool step from
-``Trainer.tool_update`` (``grto.tool_loss`` + backward + AdamW).
-
-Two things are not the trained system's: (1) a random-init policy never writes a parsable answer,
-so the tool calls (one box and two points per rollout, as the real templates ask for) are made up
-around the target instead of parsed from the completions, and the completions are not decoded to
-text; (2) the official Qwen tokenizer is not on disk (nothing downloads), so the prompt (the RefCOCOg
+random init) in a ``SamTool``. The step is ``Trainer.step`` itself, timed through the trainer's
+``timer`` hook: the policy prepared as ``grto train`` prepares it (LoRA, or a full fine-tune, which
+refuses AdamW on bf16 weights, so ``--mode full`` builds the policy in float32), advantages,
+``Trainer.policy_update`` and ``Trainer.tool_update``. Only the rollouts are the benchmark's own
+(``bench_rollouts``): the same ``encode_prompts`` / ``expand_prompts`` / ``generate`` /
+``SamTool.embed`` / ``score_groups`` that ``rollout.rollout_group`` runs, with two differences:
+(1) a random-init policy never writes a parsable answer, so the tool calls (one box and two points
+per rollout, as the real templates ask for) are made up around the target instead of parsed from
+the completions, and the completions are not decoded to text; (2) the official Qwen tokenizer is not on disk (nothing downloads), so the prompt (the RefCOCOg
 setting's template, Qwen's chat layout) is tokenised by a byte-level BPE trained here on the prompt
 itself (about one token per word, as Qwen's), inside a real ``Qwen2_5_VLProcessor`` with
 Qwen2.5-VL's image processor (patch 14, merge 2): the visual tokens (400 at 560x560) are exact, the
@@ -33,12 +29,12 @@ Timed parts (CUDA synchronised around each one; seconds are wall clock of one st
   + ``generate`` of B x G completions (eval mode, KV cache), as ``rollout.sample_completions``
 - sam_encode: ``SamTool.embed`` of the B images (ViT-H under bf16 autocast), once per image
 - sam_decode: ``rollout.score_groups`` (per image, ``SamTool.decode`` of its G calls, no grad, +
-  ``compute_rewards``), then ``group_advantages``, as ``rollout.rollout_group`` / ``Trainer.step``
+  ``compute_rewards``), as ``rollout.rollout_group``
 - reference: ``Trainer.reference_logprobs`` (no-grad forward per micro-batch; LoRA: adapters
   disabled; full: a frozen copy); 0 and listed in ``skipped`` when beta == 0 (no pass at all)
 - policy_forward: per micro-batch, ``Trainer.logprobs`` with grad + ``policy_loss``
-- policy_backward: per micro-batch, ``loss.backward()`` (recomputes checkpointed activations)
-- policy_optimizer: ``zero_grad`` + ``clip_grad_norm_`` + AdamW step, as ``Trainer.policy_update``
+- policy_backward: per micro-batch, the engine's backward (recomputes checkpointed activations)
+- policy_optimizer: the engine's step: ``clip_grad_norm_`` + AdamW step + ``zero_grad``
 - tool_step: ``Trainer.tool_update``: ``grto.tool_loss`` (decoder with grad on the valid calls,
   dice + BCE) + backward + clip + AdamW step; 0 and listed in ``skipped`` for grpo
 
@@ -292,7 +288,9 @@ def build_trainer(args, policy, tool):
                    micro_batch=args.micro_batch, policy_lr=1e-5 if lora else 1e-6, tool_lr=1e-5, beta=args.beta,
                    lora=lora, seed=args.seed)
     memory = MemoryParams(gradient_checkpointing=args.gradient_checkpointing, logprob_chunk=args.logprob_chunk)
-    return Trainer(cfg, policy, tool, [], [], Path("."), require_think=False, memory=memory)
+    trainer = Trainer(cfg, policy, tool, [], [], Path("."), require_think=False, memory=memory,
+                      timer=lambda part: trainer.timer_parts.measure(part))
+    return trainer
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -356,28 +354,19 @@ class Parts:
         self.current = None
 
 
-def rl_step(args, trainer, step: int, parts: Parts, tokens: int | None = None) -> dict:
-    """One step of ``Trainer.step``, part by part, through grto's own functions, with completions of
-    ``tokens`` tokens (default: the trainer's max_new_tokens)."""
+def bench_rollouts(args, trainer, step: int, parts: Parts, tokens: int) -> "RolloutBatch":
+    """``Trainer.rollouts`` for the benchmark: the same prompts, generation and scoring functions,
+    with completions forced to ``tokens`` tokens and the made-up calls of ``make_inputs`` (a random
+    policy never parses), timed part by part."""
     from PIL import Image
 
-    from grto_cli.core.grpo import batch_normaliser, group_advantages, policy_loss
-    from grto_cli.core.policy import (
-        encode_prompts,
-        expand_prompts,
-        generate,
-        sampling_config,
-    )
+    from grto_cli.core.policy import encode_prompts, expand_prompts, generate, sampling_config
     from grto_cli.core.rollout import RolloutBatch, score_groups
     from grto_cli.core.sampling import GumbelSampler, rollout_key, row_keys
-    from grto_cli.core.trainer import SUMMED_STATS
 
     policy, tool, cfg = trainer.policy, trainer.tool, trainer.cfg
     G = cfg.sampling.group_size
-    tokens = tokens or cfg.sampling.max_new_tokens
-    torch.manual_seed(cfg.seed * 1_000_003 + step)
     images, targets, records, parsed = make_inputs(args, step)
-
     with parts.measure("generation"):  # rollout.sample_completions, less decode + parse
         prompts = encode_prompts(policy, [Image.fromarray(im) for im in images], [r.query for r in records])
         gen_cfg = sampling_config(policy, tokens)
@@ -388,59 +377,38 @@ def rl_step(args, trainer, step: int, parts: Parts, tokens: int | None = None) -
         policy.model.eval()
         with torch.no_grad():  # the vision tower once per image, shared by its G rows
             inputs = expand_prompts(policy.model, prompts, torch.arange(len(records)).repeat_interleave(G))
-        completion_ids, mask = generate(policy, inputs, gen_cfg, sampler)
+        completion_ids, mask = generate(policy, inputs, gen_cfg, sampler, trainer.engine.generating)
         policy.model.train(was_training)
-
     with parts.measure("sam_encode"):  # new keys every step: the encoder runs, as on a first visit
         embeddings = tool.embed(images, [f"{r.image}" for r in records])
-
-    with parts.measure("sam_decode"):  # rollout.score_groups as rollout_group calls it, then Trainer.step's
-        # advantages
+    with parts.measure("sam_decode"):  # rollout.score_groups, as rollout.rollout_group calls it
         target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
         rewards = score_groups(tool, embeddings, records, images, target_tensors, parsed, G, cfg.rewards)
-        batch = RolloutBatch(records=records, group_size=G, prompts=prompts, completion_ids=completion_ids,
-                             completion_mask=mask, texts=[""] * len(parsed), parsed=parsed,
-                             rewards=rewards, embeddings=embeddings, targets=target_tensors)
-        advantages, _ = group_advantages(batch.rewards.total, G, cfg.scale_by_std)
+    return RolloutBatch(records=records, group_size=G, prompts=prompts, completion_ids=completion_ids,
+                        completion_mask=mask, texts=[""] * len(parsed), parsed=parsed, rewards=rewards,
+                        embeddings=embeddings, targets=target_tensors)
 
-    # Trainer.policy_update with mu = 1 (the sampling log-probs are the first epoch's own, detached).
-    model = policy.model
-    model.train()
-    ref_logp = None
-    if cfg.beta > 0:
-        with parts.measure("reference"):
-            ref_logp = trainer.reference_logprobs(batch)
-    normaliser = batch_normaliser(mask, cfg.loss_mode, tokens)
-    total_tokens = max(float(mask.sum()), 1.0)
-    with parts.measure("policy_optimizer"):
-        trainer.policy_opt.zero_grad()
-    stats: dict[str, float] = {}
-    for s in range(0, mask.shape[0], cfg.micro_batch):  # Trainer.accumulate_policy_gradients, split in two
-        rows = slice(s, s + cfg.micro_batch)
-        with parts.measure("policy_forward"):
-            logp = trainer.logprobs(model, batch, rows)
-            out = policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), mask[rows],
-                              ref_logp[rows] if ref_logp is not None else None, cfg.beta,
-                              cfg.clip_low, cfg.clip_high, cfg.loss_mode, normaliser)
-        with parts.measure("policy_backward"):
-            out.loss.backward()
-        del logp
-        share = float(mask[rows].sum()) / total_tokens
-        for k, v in out.stats.items():
-            stats[k] = stats.get(k, 0.0) + (v if k in SUMMED_STATS else v * share)
-        del out
-    with parts.measure("policy_optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.max_grad_norm)
-        trainer.policy_opt.step()
-    stats["policy/grad_norm"] = float(grad_norm)
 
-    if trainer.train_tool:
-        with parts.measure("tool_step"):
-            stats.update(trainer.tool_update(batch, advantages))
-    return {"prompt_tokens": int(prompts["input_ids"].shape[1]),
-            "visual_tokens_per_image": int(prompts["image_grid_thw"][0].prod()) // 4,
-            "completion_tokens": int(completion_ids.shape[1]), "stats": stats}
+def rl_step(args, trainer, step: int, parts: Parts, tokens: int | None = None) -> dict:
+    """One ``Trainer.step`` (advantages, policy update, tool update: the trainer's own code, timed
+    through its ``timer`` hook), on the benchmark's rollouts of ``tokens`` tokens (default: the
+    trainer's max_new_tokens)."""
+    tokens = tokens or trainer.cfg.sampling.max_new_tokens
+    trainer.timer_parts = parts  # where the trainer's timer hook records (build_trainer)
+    captured = {}
+
+    def rollouts(s: int):
+        captured["batch"] = bench_rollouts(args, trainer, s, parts, tokens)
+        return captured["batch"]
+
+    trainer.rollouts = rollouts
+    trainer.state.step = step
+    metrics = trainer.step()
+    batch = captured["batch"]
+    stats = {k: v for k, v in metrics.items() if k.split("/")[0] in ("loss", "policy", "tool")}
+    return {"prompt_tokens": int(batch.prompts["input_ids"].shape[1]),
+            "visual_tokens_per_image": int(batch.prompts["image_grid_thw"][0].prod()) // 4,
+            "completion_tokens": int(batch.completion_ids.shape[1]), "stats": stats}
 
 
 # -- main --------------------------------------------------------------------------------------

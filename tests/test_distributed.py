@@ -230,16 +230,6 @@ def test_unsupported_engines_and_accelerate_mixed_precision_are_refused():
         check_supported("DistributedType.MULTI_GPU", "bf16")
 
 
-def test_doctests_of_the_distributed_and_sampling_modules():
-    import doctest
-
-    from grto_cli.core import distributed, sampling
-
-    for module in (distributed, sampling):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
-
-
 def test_a_global_batch_that_does_not_split_evenly_is_refused():
     second = _SecondOfTwo()
     assert second.block(8) == slice(4, 8)

@@ -66,11 +66,16 @@ def test_rollouts_parse_score_and_share_one_embedding_per_image(tiny_system, syn
     assert batch.completion_ids.shape[0] == n and len(batch.parsed) == n
     assert batch.embeddings.shape[0] == 2  # one encoder pass per image, not per rollout
     assert trainer.tool.sam_embedding_cache.misses == 2
-    weights = RewardWeights()
-    for p, total, iou in zip(batch.parsed, batch.rewards.total, batch.rewards.iou):
-        if not p.format_ok:
-            assert total.item() == pytest.approx(-weights.format_penalty) and iou.item() == 0
-    assert batch.rewards.format_ok.any(), "the fixture policy should emit some parsable answers"
+    weights, r = RewardWeights(), batch.rewards
+    assert r.format_ok.any() and not r.format_ok.all(), "the batch needs parsable and unparsable answers"
+    for i, p in enumerate(batch.parsed):
+        assert bool(r.format_ok[i]) == p.format_ok == (p.call is not None)
+        if p.format_ok:  # the trainer's reward is the documented sum, with the tool's mask IoU in it
+            expected = weights.format + weights.iou * r.iou[i] + weights.box_iou * r.box_iou[i] + weights.point * r.point[i]
+        else:
+            expected = -weights.format_penalty
+            assert r.iou[i] == 0 and r.box_iou[i] == 0 and r.point[i] == 0
+        assert r.total[i].item() == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_grpo_trains_policy_and_leaves_tool_bit_identical(tiny_system, synthetic_data):
@@ -100,43 +105,15 @@ def test_grto_trains_prompt_encoder_and_decoder_never_the_image_encoder(tiny_sys
 # ----------------------------------------------------------------------------- log-probs
 
 
-def test_trainer_logprobs_use_the_sampling_temperature(tiny_system, synthetic_data):
-    """Every log-prob the trainer computes (policy, old policy, reference) goes through one method;
-    it must be the sampling distribution, logits / T, and not T = 1."""
-    T = 0.7
-    trainer = _trainer(tiny_system, synthetic_data, "grpo",
-                       sampling=SamplingParams(group_size=4, temperature=T, max_new_tokens=32))
-    batch = trainer.rollouts(0)
-    model = trainer.policy.model
-    with torch.no_grad():
-        rows = batch.prompt_rows(slice(None))
-        expected = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, T, rows=rows)
-        at_one = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, 1.0, rows=rows)
-        got = trainer.logprobs(model, batch, slice(None))
-    assert not torch.allclose(expected, at_one, atol=1e-3)  # the temperature matters for this batch
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
 def test_reference_pass_only_with_kl_and_kl_is_zero_at_the_start(tiny_system, synthetic_data):
-    assert _trainer(tiny_system, synthetic_data, "grpo").reference is None
+    assert _trainer(tiny_system, synthetic_data, "grpo").engine.reference_pass is None
     sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
     trainer = _trainer(tiny_system, synthetic_data, "grpo", beta=0.1, sampling=sampling)
-    assert trainer.reference is not None
+    assert trainer.engine.reference_pass is not None
     metrics = trainer.step()
     # First step: the policy still equals the reference, so the k3 KL is zero, if (and only if)
     # both log-probs are taken at the same temperature.
     assert metrics[LOSS_KL] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_old_logprobs_equal_the_first_epochs_own(tiny_system, synthetic_data):
-    """mu = 2: before the first update the ratio pi / pi_old is exactly 1 on every token."""
-    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
-    trainer = _trainer(tiny_system, synthetic_data, "grpo", mu=2, sampling=sampling)
-    batch = trainer.rollouts(0)
-    old = trainer._logprobs_no_grad(trainer.policy_pass, batch)
-    trainer.policy_opt.zero_grad()
-    stats = trainer.accumulate_policy_gradients(batch, torch.linspace(-1, 1, 8), old, None)
-    assert stats[LOSS_RATIO_MEAN] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "dr_grpo"])
@@ -153,7 +130,7 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tiny_system, synth
     for micro in (8, 3):
         trainer.cfg.micro_batch = micro
         trainer.policy.model.train()
-        trainer.policy_opt.zero_grad()
+        trainer.engine.optimizer.zero_grad()
         trainer.accumulate_policy_gradients(batch, advantages, None, None)
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
     assert grads[0].abs().sum() > 0
@@ -164,7 +141,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, sy
     T = 0.7
     trainer = _trainer(tiny_system, synthetic_data, "grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0), beta=0.05,
                        policy_lr=1e-2, sampling=SamplingParams(group_size=4, temperature=T, max_new_tokens=32))
-    assert trainer.reference is None  # no second copy of the model
+    assert trainer.engine.reference_pass is None  # no second copy of the model
     for _ in range(2):
         trainer.step()
     batch = trainer.rollouts(2)
@@ -173,7 +150,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, sy
         expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, T,
                                        rows=batch.prompt_rows(slice(None)))
     reference = trainer.reference_logprobs(batch)
-    current = trainer._logprobs_no_grad(trainer.policy_pass, batch)
+    current = trainer._logprobs_no_grad(trainer.engine.policy_pass, batch)
     assert not torch.allclose(current, expected, atol=1e-3), "the adapters should have moved the policy"
     assert torch.allclose(reference, expected, atol=1e-5)
 
@@ -304,7 +281,7 @@ def test_completions_never_hold_image_tokens(tiny_system, synthetic_data):
     batch = trainer.rollouts(0)
     assert not (batch.completion_ids == image_id).any()
     with torch.no_grad():
-        got = trainer.logprobs(policy.model, batch, slice(None))
+        got = trainer.logprobs(trainer.engine.policy_pass, batch, slice(None))
     assert torch.isfinite(got).all()
     metrics = trainer.step()
     assert all(np.isfinite(v) for v in metrics.values())
@@ -312,7 +289,7 @@ def test_completions_never_hold_image_tokens(tiny_system, synthetic_data):
 
 def _policy_grads(trainer, batch):
     trainer.policy.model.train()
-    trainer.policy_opt.zero_grad()
+    trainer.engine.optimizer.zero_grad()
     trainer.accumulate_policy_gradients(batch, torch.linspace(-1.0, 1.0, batch.completion_ids.shape[0]), None, None)
     return {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters() if p.grad is not None}
 
@@ -349,7 +326,7 @@ def test_full_finetune_freezes_the_vision_tower_unless_told(tiny_system, synthet
     frozen = _trainer(tiny_system, synthetic_data, "grpo")
     tower = vision_tower(frozen.policy.model)
     assert not any(p.requires_grad for p in tower.parameters())
-    in_opt = {id(p) for g in frozen.policy_opt.param_groups for p in g["params"]}
+    in_opt = {id(p) for g in frozen.engine.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in in_opt for p in tower.parameters())
     assert any(p.requires_grad for p in frozen.policy.model.parameters())  # the language model still trains
     free = _trainer(tiny_system, synthetic_data, "grpo", freeze_vision=False)
@@ -367,3 +344,176 @@ def test_full_finetune_of_half_precision_weights_is_refused(tiny_system, synthet
     trainer = Trainer(RLConfig(method="grpo", lora=LoraParams(r=4, alpha=8, dropout=0.0)), policy, tool, train, [],
                       synthetic_data)
     assert all(p.dtype == torch.float32 for p in trainer.policy.model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- signs on the path that trains
+
+
+def _capture_outputs(module):
+    """Every output of ``module``'s forward (the trainer's log-prob passes), detached, in order."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
+    return seen, handle
+
+
+def _sampling_logprobs(trainer, batch, temperature):
+    """Log-probs (N, L) of the batch's completions under the sampler's own distribution: the model
+    in eval mode (no dropout), logits / T, the suppressed ids at -inf."""
+    model = trainer.policy.model
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = completion_logprobs(model, batch.prompts, batch.completion_ids, batch.completion_mask, temperature,
+                                  trainer.policy.suppressed_ids, rows=batch.prompt_rows(slice(None)))
+    model.train(was)
+    return out
+
+
+def test_the_training_pass_takes_logprobs_at_the_sampling_temperature(tiny_system, synthetic_data):
+    """The log-probs the policy loss is built from, captured inside a real step, are the sampler's
+    (logits / T), not T = 1's."""
+    T = 0.7
+    trainer = _trainer(tiny_system, synthetic_data, "grpo",
+                       sampling=SamplingParams(group_size=4, temperature=T, max_new_tokens=32))
+    batch = trainer.rollouts(0)  # the step below draws the same batch: (seed, step) decide it
+    expected, at_one = _sampling_logprobs(trainer, batch, T), _sampling_logprobs(trainer, batch, 1.0)
+    assert not torch.allclose(expected, at_one, atol=1e-3)  # the temperature matters for this batch
+    seen, handle = _capture_outputs(trainer.engine.policy_pass)
+    trainer.step()
+    handle.remove()
+    got = torch.cat(seen)  # the micro-batches of the one epoch, in order (mu = 1)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_with_two_epochs_the_old_logprobs_are_the_samplers_so_the_ratio_moves(tiny_system, synthetic_data,
+                                                                            monkeypatch):
+    """mu = 2: the old log-probs are computed once, before the first update. The first epoch's
+    ratio is then exactly 1, the second's is not (the clip can act). Recomputing them every
+    epoch would make every ratio 1 and silently turn the clip off."""
+    import grto_cli.core.trainer as trainer_module
+
+    ratios, clip = [], []
+    real = trainer_module.policy_loss
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ratios.append(out.stats[LOSS_RATIO_MEAN])
+        clip.append(out.stats["loss/clip_frac"])
+        return out
+
+    monkeypatch.setattr(trainer_module, "policy_loss", recording)
+    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", mu=2, micro_batch=8, policy_lr=1e-2, sampling=sampling)
+    trainer.step()
+    assert len(ratios) == 2  # one micro-batch per epoch
+    assert ratios[0] == pytest.approx(1.0, abs=1e-6) and clip[0] == 0.0
+    assert abs(ratios[1] - 1.0) > 1e-3 and clip[1] > 0.0, (ratios, clip)
+
+
+def test_kl_grows_after_an_update_and_the_full_finetune_reference_stays_the_base(tiny_system, synthetic_data):
+    """beta > 0, full fine-tune: KL is 0 at the first step and positive after an update, and the
+    reference is still the initial policy (a reference that is the policy itself gives KL 0 forever)."""
+    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", beta=0.1, policy_lr=1e-2, sampling=sampling)
+    initial = _state(trainer.policy.model)
+    first, second = trainer.step(), trainer.step()
+    assert first[LOSS_KL] == pytest.approx(0.0, abs=1e-6)
+    assert second[LOSS_KL] > 1e-4, second[LOSS_KL]
+    assert not _same(initial, _state(trainer.policy.model))  # the policy moved
+    batch = trainer.rollouts(2)
+    base, _ = load_system(system_paths(tiny_system), TEMPLATE)
+    with torch.no_grad():
+        expected = completion_logprobs(base.model, batch.prompts, batch.completion_ids, batch.completion_mask, 0.7,
+                                       base.suppressed_ids, rows=batch.prompt_rows(slice(None)))
+    torch.testing.assert_close(trainer.reference_logprobs(batch), expected, atol=1e-5, rtol=1e-4)
+
+
+def _sequence_logprobs(trainer, batch):
+    return _sampling_logprobs(trainer, batch, trainer.cfg.sampling.temperature).sum(1)  # (N,)
+
+
+def test_one_grpo_step_raises_above_mean_completions_and_lowers_below_mean_ones(tiny_system, synthetic_data):
+    """After one real step, the log-probability of the step's own completions moved with their
+    advantages: up for the above-mean ones, down for the below-mean ones. A flipped advantage or
+    policy-loss sign moves them the other way; a loss detached from the model not at all."""
+    from grto_cli.core.grpo import group_advantages
+
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", queries_per_step=4, micro_batch=16, policy_lr=1e-5)
+    batch = trainer.rollouts(0)
+    advantages, _ = group_advantages(batch.rewards.total, batch.group_size)
+    up, down = advantages > 0, advantages < 0
+    assert up.sum() >= 2 and down.sum() >= 2, "the batch needs completions above and below their group's mean"
+    before = _sequence_logprobs(trainer, batch)
+    trainer.step()
+    moved = _sequence_logprobs(trainer, batch) - before  # (N,)
+    assert moved[up].mean() > 0 > moved[down].mean(), (moved[up].tolist(), moved[down].tolist())
+    assert float((advantages * moved).sum()) > 0
+
+
+def test_one_grto_tool_step_lowers_the_tool_loss_on_its_own_calls(tiny_system, synthetic_data):
+    """After one real step the tool's loss on the very calls it trained on is lower (a flipped or
+    detached tool loss leaves it level or raises it)."""
+    trainer = _trainer(tiny_system, synthetic_data, "grto", queries_per_step=4, tool_lr=1e-3)
+    batch = trainer.rollouts(0)
+    calls = [batch.group_calls(i) for i in range(len(batch.records))]
+    with torch.no_grad():
+        before, n_valid = tool_loss(trainer.tool, batch.embeddings, calls, batch.targets)
+    assert n_valid > 0
+    metrics = trainer.step()
+    assert metrics[TOOL_LOSS] == pytest.approx(float(before), rel=1e-5)  # the step's loss is this loss
+    with torch.no_grad():
+        after, _ = tool_loss(trainer.tool, batch.embeddings, calls, batch.targets)
+    assert float(after) < float(before) - 1e-3, (float(before), float(after))
+
+
+# ----------------------------------------------------------------------------- defects found in review
+
+
+def test_with_lora_dropout_the_training_pass_is_the_samplers_distribution(tiny_system, synthetic_data):
+    """LoRA at dropout 0.5: the rollouts are sampled without dropout (eval mode), so the log-probs
+    the loss is built from must be too; with dropout on they would be of a distribution nobody
+    sampled from."""
+    sampling = SamplingParams(group_size=4, temperature=0.7, max_new_tokens=32)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", lora=LoraParams(r=4, alpha=8, dropout=0.5),
+                       policy_lr=1e-2, sampling=sampling)
+    trainer.step()  # LoRA's B starts at 0 (its dropout then changes nothing): one step moves it
+    batch = trainer.rollouts(1)
+    expected = _sampling_logprobs(trainer, batch, 0.7)
+    seen, handle = _capture_outputs(trainer.engine.policy_pass)
+    trainer.step()
+    handle.remove()
+    torch.testing.assert_close(torch.cat(seen), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_val_scores_ignore_regions_as_grto_evaluate_does(tiny_system, synthetic_data):
+    """ReasonSeg's ignore regions (a record's meta["ignore"]) are left out of val's gIoU exactly as
+    `grto evaluate` leaves them out, so the checkpoint is chosen on the number that is reported."""
+    from dataclasses import replace
+
+    from grto_cli.core.data.masks import encode_rle
+    from grto_cli.core.evaluation import evaluate_split
+
+    trainer = _trainer(tiny_system, synthetic_data, "grpo")
+    plain = trainer.val_records
+    ignore = np.zeros((plain[0].height, plain[0].width), dtype=bool)
+    ignore[:, plain[0].width // 2:] = True  # the right half of every image is "ignore"
+    trainer.val_records = [replace(r, dataset="reasonseg", meta={**r.meta, "ignore": encode_rle(ignore)}) for r in plain]
+    val = trainer.evaluate_val()
+    reported = evaluate_split(trainer.policy, trainer.tool, trainer.val_records, synthetic_data, 50,
+                              trainer.cfg.sampling.max_new_tokens)
+    assert val[VAL_GIOU] == pytest.approx(reported["giou"])
+    trainer.val_records = plain
+    assert trainer.evaluate_val()[VAL_GIOU] != pytest.approx(val[VAL_GIOU])  # the ignore region mattered
+
+
+@pytest.mark.parametrize("where,field,value", [
+    ("rl", "mu", 0), ("rl", "micro_batch", 0), ("rl", "queries_per_step", 0),
+    ("schedule", "checkpoint_every", 0), ("schedule", "eval_batch_size", 0), ("memory", "logprob_chunk", 0)])
+def test_counts_below_one_are_refused_by_name(where, field, value):
+    """mu 0 left grad_norm unset; checkpoint_every 0 divided by zero. Refused, naming the key."""
+    from grto_cli.core.trainer import MemoryParams
+
+    cfg = {"rl": RLConfig, "schedule": Schedule, "memory": MemoryParams}[where](**{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be at least 1, got {value}"):
+        cfg.validate()

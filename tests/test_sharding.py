@@ -1,4 +1,4 @@
-"""FSDP's contracts with the rest of the code (core/sharding.py). The math of a sharded run against
+"""The engines' contracts with the rest of the code (core/engines). The math of a sharded run against
 one process, resume included, is tests/test_distributed.py's (2 processes, gloo)."""
 
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 
 from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import Policy, generate
-from grto_cli.core.sharding import decoder_layers, sharded_fraction
+from grto_cli.core.engines.fsdp import FsdpEngine, decoder_layers, sharded_fraction
 
 
 class _Recorder:
@@ -29,20 +29,20 @@ class _Recorder:
         return torch.cat([input_ids, torch.tensor([[5, 2]] * len(input_ids))], dim=1)
 
 
-def _policy(recorder: _Recorder, sharded: bool) -> Policy:
-    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
-    return Policy(model=recorder, processor=SimpleNamespace(tokenizer=tokenizer), coord_convention="absolute",
-                  prompt_template="{query}", sharded_root=recorder if sharded else None, lockstep=sharded)
-
-
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_sharded_policy_generates_in_lockstep_with_its_root_gathered(sharded):
     """Rows end at different steps on different processes, and each step's forward gathers weights
     from every process: without synced_gpus a process that is done stops stepping and the others
     wait forever. The root's own weights (embeddings, LM head) are gathered around generate."""
     recorder = _Recorder()
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    policy = Policy(model=recorder, processor=SimpleNamespace(tokenizer=tokenizer), coord_convention="absolute",
+                    prompt_template="{query}")
+    engine = FsdpEngine(Processes(), 1.0)
+    engine.policy_pass = recorder
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
-    ids, mask = generate(_policy(recorder, sharded), batch, GenerationConfig(max_new_tokens=2))
+    ids, mask = generate(policy, batch, GenerationConfig(max_new_tokens=2),
+                         generating=engine.generating if sharded else None)
     assert ids.tolist() == [[5, 2], [5, 2]] and mask.tolist() == [[1, 1], [1, 1]]
     expected = ["unshard", ("generate", True), "reshard"] if sharded else [("generate", False)]
     assert recorder.calls == expected
@@ -82,13 +82,52 @@ def test_sharding_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_
                     records, synthetic_data, memory=MemoryParams(sharding=sharding))
     with pytest.raises(ValueError, match="sharding"):
         MemoryParams(sharding="zero2").validate()
+    from grto_cli.core.engines import SHARDINGS
+
+    assert SHARDINGS == ("none", "fsdp", "zero3")  # the closed registry
 
 
 def test_zero3_without_deepspeed_installed_is_a_clear_error(monkeypatch):
     import sys
 
-    from grto_cli.core import zero3
+    from grto_cli.core.engines import zero3
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what `import deepspeed` meets where it is absent
     with pytest.raises(ValueError, match=r"pip install 'grto\[deepspeed\]'"):
         zero3.initialize(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), 1.0)
+
+
+def _agree(rank: int, world: int, port: int, out) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from grto_cli.core.engines.base import raise_everywhere
+
+    try:
+        raise_everywhere("the checkpoint has no weight 'lm_head.weight'" if rank == 0 else None)
+        out.put((rank, "no error"))
+    except ValueError as exc:
+        out.put((rank, str(exc)))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_problem_the_main_process_finds_stops_every_process():
+    """A bad checkpoint found on the main process alone (a ZeRO-3 load) must stop the others too,
+    with the same message, instead of leaving them waiting in the next broadcast."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(rank, 2, port, out)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: "the checkpoint has no weight 'lm_head.weight'", 1: "the checkpoint has no weight 'lm_head.weight'"}

@@ -12,3 +12,9 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
     """Refuse a value outside an enumerated option, naming the allowed values."""
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+def check_positive(name: str, value: int) -> None:
+    """Refuse a count below 1 (a step count, an epoch count, a batch size), naming the key."""
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")

@@ -45,7 +45,7 @@ class Processes:
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world_size = accelerator.num_processes if accelerator else 1
-        # Every process must run every unit's policy forwards (the policy is sharded: sharding.py).
+        # Every process must run every unit's policy forwards (a sharded policy: core/engines).
         self.lockstep = False
 
     @classmethod
@@ -139,11 +139,7 @@ class Processes:
         return self.accelerator.prepare_model(module, device_placement=False)
 
     def no_sync(self, module: torch.nn.Module):
-        """Accumulate gradients locally (no all-reduce or reduce-scatter) inside this block."""
-        if self.distributed and hasattr(module, "set_requires_gradient_sync"):  # FSDP2 (sharding.py)
-            from grto_cli.core.sharding import no_gradient_sync
-
-            return no_gradient_sync(module)
+        """Accumulate DDP's gradients locally (no all-reduce) inside this block."""
         if not self.distributed or not hasattr(module, "no_sync"):
             return contextlib.nullcontext()
         return module.no_sync()

@@ -68,3 +68,18 @@ def tool_optimizer(tool: SamTool, lr: float, weight_decay: float = 0.0) -> torch
 def freeze_image_encoder(tool: SamTool) -> None:
     tool.sam.image_encoder.requires_grad_(False)
     tool.sam.image_encoder.eval()
+
+
+class ToolLossTerms(torch.nn.Module):
+    """``tool_loss_terms`` as a module, so that DDP sees its forward (``Processes.wrap``)."""
+
+    def __init__(self, tool: SamTool):
+        super().__init__()
+        self.tool, self.sam = tool, tool.sam
+
+    def forward(self, embeddings, calls, targets, kind: str, weights):
+        total, weight, n_valid = tool_loss_terms(self.tool, embeddings, calls, targets, kind, weights)
+        # Every trainable parameter takes part in every backward (with gradient 0 where unused), so
+        # a process whose rollouts hold no valid call still joins DDP's gradient all-reduce.
+        zero = sum(p.sum() for p in self.sam.parameters() if p.requires_grad) * 0.0
+        return total + zero, weight, n_valid

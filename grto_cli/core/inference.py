@@ -15,7 +15,8 @@ from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.masks import interior_point
 from grto_cli.core.data.records import Record
 from grto_cli.core.distributed import Processes
-from grto_cli.core.policy import Policy, decode_completions, encode_prompts, generate, resized_sizes, sampling_config
+from grto_cli.core.policy import (Generating, Policy, decode_completions, encode_prompts, generate, resized_sizes,
+                                  sampling_config)
 from grto_cli.core.tool import SamTool
 
 
@@ -43,12 +44,12 @@ def oracle_call(record: Record) -> ToolCall | None:
 @torch.no_grad()
 def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], queries: Sequence[str],
                   max_new_tokens: int, require_think: bool = False,
-                  oracle_calls: Sequence[ToolCall] | None = None
+                  oracle_calls: Sequence[ToolCall] | None = None, generating: Generating | None = None
                   ) -> list[tuple[str, ParsedAnswer, np.ndarray, np.ndarray | None]]:
     """Greedy answers and masks for a batch of (image, query) pairs: (text, parsed, probability,
     oracle mask). With ``oracle_calls``, the tool also decodes those prompts on the same embeddings."""
     batch = encode_prompts(policy, [Image.fromarray(im) for im in images], queries)
-    completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens))
+    completion_ids, _ = generate(policy, batch, sampling_config(policy, max_new_tokens), generating=generating)
     texts = decode_completions(policy, completion_ids)
     out = []
     embeddings = tool.embed(images)
@@ -66,7 +67,7 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
 
 def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, batch_size: int,
                     max_new_tokens: int, require_think: bool = False, oracle: bool = False,
-                    processes: Processes | None = None) -> Iterator[Prediction]:
+                    processes: Processes | None = None, generating: Generating | None = None) -> Iterator[Prediction]:
     """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt.
     Over several processes, each predicts every world_size-th batch and every process receives
     all predictions in order (a batch is the same batch as in one process, so the same answers)."""
@@ -75,6 +76,7 @@ def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], ro
         oracle_calls = [oracle_call(r) for r in chunk] if oracle else None
         return [Prediction(record=r, completion=text, parsed=parsed, probability=prob, oracle=oracle_mask)
                 for r, (text, parsed, prob, oracle_mask) in zip(chunk, predict_batch(
-                    policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls))]
+                    policy, tool, images, [r.query for r in chunk], max_new_tokens, require_think, oracle_calls,
+                    generating))]
 
     yield from (processes or Processes()).in_batches(records, batch_size, batch)

@@ -238,6 +238,19 @@ class GroundingMeter:
         return out
 
 
+def val_metrics(summary: dict) -> dict:
+    """The val curves of training (``val/...``) from a split's summary (``evaluation.SplitScore``):
+    the same numbers `grto evaluate` reports for that split."""
+    val = {VAL_GIOU: summary["giou"], VAL_CIOU: summary["ciou"], VAL_FORMAT_RATE: summary["format_rate"],
+           VAL_BOX_IOU: summary["call_box_iou"], VAL_POINT_IN_TARGET: summary["point_in_target"],
+           VAL_DISTINCT_CALLS: summary["distinct_call_ratio"], VAL_ORACLE_GIOU: summary.get("oracle_giou", 0.0)}
+    if summary["prompt_adherence"] is not None:
+        val[VAL_PROMPT_ADHERENCE] = summary["prompt_adherence"]
+    if summary["call_box_area_ratio"] is not None:
+        val[VAL_BOX_AREA_RATIO] = summary["call_box_area_ratio"]
+    return val
+
+
 def by_group(groups: Sequence[str | None], **values: Sequence[float]) -> dict[str, dict[str, float]]:
     """Per-group means of each named per-sample value, with each group's sample count ``n``; samples
     whose group is None are left out. Groups come out sorted by name.

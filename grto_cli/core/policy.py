@@ -8,9 +8,10 @@ and per-token log-probs of completions. The answer format and its parser live in
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -18,7 +19,6 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE, prompt_parts
-from grto_cli.core.sharding import gathered
 
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
 # image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
@@ -37,12 +37,6 @@ class Policy:
     coord_convention: str
     prompt_template: str
     suppressed_ids: tuple[int, ...] = ()  # never sampled (MULTIMODAL_TOKEN_KEYS of the model's config)
-    # Under train.sharding: fsdp, the FSDP root around the model (sharding.py): generation gathers
-    # its weights (ZeRO-3's hooks gather each submodule's by themselves: zero3.py).
-    sharded_root: torch.nn.Module | None = None
-    # A sharded policy (fsdp, zero3): every forward gathers weights from every process, so
-    # generation runs in lockstep with the other processes.
-    lockstep: bool = False
 
     @property
     def tokenizer(self):
@@ -254,16 +248,19 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     return (positions <= first_eos[:, None]).long()
 
 
+Generating = Callable[[], ContextManager[dict]]  # engines.base.Engine.generating
+
+
 @torch.no_grad()
-def generate(policy: Policy, batch: dict, config: GenerationConfig,
-             sampler: LogitsProcessor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(policy: Policy, batch: dict, config: GenerationConfig, sampler: LogitsProcessor | None = None,
+             generating: Generating | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions for an already-expanded prompt batch: (completion_ids, completion_mask); greedy,
-    or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores."""
+    or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores. ``generating``:
+    the training engine's context around ``generate`` (a sharded policy's weights gathered, and
+    ``synced_gpus`` so that every process steps until every process's rows have ended)."""
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
-    if policy.lockstep:  # every process steps until every process's rows have ended
-        extra["synced_gpus"] = True
-    with gathered(policy.sharded_root):
-        out = policy.model.generate(**batch, generation_config=config, **extra)
+    with (generating or contextlib.nullcontext)() as engine_kwargs:
+        out = policy.model.generate(**batch, generation_config=config, **extra, **(engine_kwargs or {}))
     completion = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)
     # Tokens after the first EOS are padding by construction; make them the pad id everywhere.

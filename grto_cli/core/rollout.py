@@ -16,8 +16,8 @@ from PIL import Image
 
 from grto_cli.core.data.records import Record
 from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
-from grto_cli.core.policy import (LOGPROB_CHUNK, Policy, completion_logprobs, decode_completions, encode_prompts,
-                                  expand_prompts, generate, resized_sizes, sampling_config)
+from grto_cli.core.policy import (LOGPROB_CHUNK, Generating, Policy, completion_logprobs, decode_completions,
+                                  encode_prompts, expand_prompts, generate, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
 from grto_cli.core.sampling import GumbelSampler, row_keys
 from grto_cli.core.tool import SamTool
@@ -57,11 +57,13 @@ class RolloutBatch:
 
 
 def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Sequence[str],
-                       sampling: SamplingParams, keys: Sequence[int], require_think: bool = False
+                       sampling: SamplingParams, keys: Sequence[int], require_think: bool = False,
+                       generating: Generating | None = None
                        ) -> tuple[dict, torch.Tensor, torch.Tensor, list[str], list[ParsedAnswer]]:
     """G sampled answers per (image, query), parsed into tool calls in original-image pixels.
     ``keys[i]`` (``sampling.rollout_key`` of the run's seed and the query's place in it) alone
-    decides query i's noise, whatever else is in the batch."""
+    decides query i's noise, whatever else is in the batch. ``generating``: the training engine's
+    context around ``generate`` (``policy.generate``)."""
     G = sampling.group_size
     if len(keys) != len(queries):
         raise ValueError(f"{len(queries)} queries but {len(keys)} rollout keys")
@@ -72,7 +74,8 @@ def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Se
     policy.model.eval()
     with torch.no_grad():
         inputs = expand_prompts(policy.model, prompts, torch.arange(len(queries)).repeat_interleave(G))
-    completion_ids, mask = generate(policy, inputs, sampling_config(policy, sampling.max_new_tokens), sampler)
+    completion_ids, mask = generate(policy, inputs, sampling_config(policy, sampling.max_new_tokens), sampler,
+                                    generating)
     policy.model.train(was_training)
     texts = decode_completions(policy, completion_ids)
     parsed = [parse_answer(t, images[i // G].shape[:2], sizes[i // G], policy.coord_convention, require_think)
@@ -83,10 +86,10 @@ def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Se
 def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], images: Sequence[np.ndarray],
                   targets: Sequence[np.ndarray], sampling: SamplingParams, weights: RewardWeights,
                   keys: Sequence[int], require_think: bool = False,
-                  image_keys: Sequence[str] | None = None) -> RolloutBatch:
+                  image_keys: Sequence[str] | None = None, generating: Generating | None = None) -> RolloutBatch:
     G = sampling.group_size
     prompts, completion_ids, mask, texts, parsed = sample_completions(
-        policy, images, [r.query for r in records], sampling, keys, require_think)
+        policy, images, [r.query for r in records], sampling, keys, require_think, generating)
     embeddings = tool.embed(images, image_keys)
     target_tensors = [torch.as_tensor(t, device=tool.device) for t in targets]
     rewards = score_groups(tool, embeddings, records, images, target_tensors, parsed, G, weights)
@@ -118,3 +121,15 @@ def rollout_logprobs(model: torch.nn.Module, batch: RolloutBatch, rows: slice, t
     """Per-token log-probs of a slice of the rollouts' completions under ``model``."""
     return completion_logprobs(model, batch.prompts, batch.completion_ids[rows], batch.completion_mask[rows],
                                temperature, suppressed_ids, chunk, rows=batch.prompt_rows(rows))
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """The policy's log-prob pass as a module (holding the model as ``.model``), so that an engine
+    (DDP, FSDP2, ZeRO-3: ``core/engines``) wraps one forward: ``rollout_logprobs`` of some rows."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: RolloutBatch, rows: slice, temperature: float, suppressed_ids, chunk: int) -> torch.Tensor:
+        return rollout_logprobs(self.model, batch, rows, temperature, suppressed_ids, chunk)  # (n, L)

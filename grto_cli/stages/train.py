@@ -112,9 +112,9 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
     console.print(f"run {run_dir.id}: checkpoints and live curves in {run_dir.path}" +
                   (f" ([green]resuming[/green] at step {resume_step})" if resume_step is not None else "") +
                   (f", {processes.world_size} processes" if processes.distributed else "") +
-                  (f", policy sharded ({trainer.layout.ENGINE}: "
-                   f"{trainer.layout.sharded_fraction(trainer.policy.model):.0%} of its weights on this process)"
-                   if trainer.sharded else ""))
+                  (f", policy sharded ({trainer.engine.label}: "
+                   f"{trainer.engine.sharded_fraction():.0%} of its weights on this process)"
+                   if trainer.engine.sharded else ""))
     # Curves go to the run's own directory (so two configurations never write into one file) and
     # are published to `train.live` when the run ends.
     started = time.perf_counter()

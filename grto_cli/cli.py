@@ -36,7 +36,8 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def _run(stage_fn, *args, **kwargs):
     """Run a stage; known input errors become one clear message and exit code 2, not a traceback."""
     from grto_cli.core.data.records import DataError
-    from grto_cli.stages.common import ConfigError, console
+    from grto_cli.stages.console import console
+    from grto_cli.stages.params import ConfigError
 
     try:
         return stage_fn(*args, **kwargs)

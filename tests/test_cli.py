@@ -135,7 +135,7 @@ def test_enumerated_options_are_refused_before_anything_loads(tmp_path, monkeypa
 def test_params_are_typed_by_the_stage_config(tmp_path):
     """PyYAML reads `1e-5` as a string: a float field takes it as a float; a value of the wrong type
     is an error that names the key, the value and the type."""
-    from grto_cli.stages.common import ConfigError, stage_config
+    from grto_cli.stages.params import ConfigError, stage_config
     from grto_cli.stages.train import TrainConfig
 
     params = tmp_path / "params.yaml"
@@ -162,7 +162,7 @@ def test_each_process_takes_its_share_of_the_cpu(monkeypatch):
     this process may run on; nonsense falls back to the cores."""
     import os
 
-    from grto_cli.stages.common import cpu_threads
+    from grto_cli.stages.runtime import cpu_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads() == 1
@@ -176,7 +176,7 @@ def test_each_process_takes_its_share_of_the_cpu(monkeypatch):
 def test_progress_prints_plain_lines_where_no_terminal_draws_the_bar(monkeypatch):
     """A job's log (DVC, a batch system, `> log`) gets no live bar: it gets a line after the first
     update, then at most one per interval, and one at the end."""
-    from grto_cli.stages import common
+    from grto_cli.stages import console as common
 
     monkeypatch.setattr(common.console, "_force_terminal", False)
     now = [0.0]

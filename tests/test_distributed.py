@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from grto_cli.core.curves import read_curve
 from grto_cli.core.distributed import Processes
 
 SMALL = ["--set", "train.queries_per_step=4", "--set", "train.sampling.group_size=4",
@@ -146,8 +147,7 @@ def _assert_same_weights(project: Path, one: Path, other: Path, steps: int) -> N
 
 
 def _curve(path: Path) -> dict[int, float]:
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
-    return {int(step): float(value) for step, value in rows}
+    return dict(read_curve(path))
 
 
 @pytest.mark.slow

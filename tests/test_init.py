@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import grto_cli
 from grto_cli.cli import app
 from grto_cli.core.project import GITIGNORE, INSTALL_FILE, PACKAGE_VAR, SETTINGS, TEMPLATES, package_dir
-from grto_cli.stages import common
+from grto_cli.stages import params as common
+from grto_cli.stages.console import console
 from grto_cli.stages.prepare import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_a_stage_reruns_when_the_installed_grto_version_changes(tmp_path):
 def test_commands_without_a_params_file_use_the_packaged_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(common, "_told", set())
-    with common.console.capture() as said:
+    with console.capture() as said:
         cfg = common.stage_config(PrepareConfig, None, "prepare")
         common.stage_config(PrepareConfig, None, "prepare")
     packaged = yaml.safe_load((TEMPLATES / "synthetic" / "params.yaml").read_text())["prepare"]
@@ -110,7 +111,7 @@ def test_commands_without_a_params_file_use_the_packaged_defaults(tmp_path, monk
     assert text.count("packaged defaults") == 1 and "synthetic" in text and "grto init" in text
     # a params.yaml in the folder wins, and says nothing
     (tmp_path / "params.yaml").write_text("prepare: {image_size: 32}\n")
-    with common.console.capture() as said:
+    with console.capture() as said:
         assert common.stage_config(PrepareConfig, None, "prepare").image_size == 32
     assert said.get() == ""
     # an explicit --params that does not exist is an error, not the defaults

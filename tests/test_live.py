@@ -24,8 +24,7 @@ def test_a_finished_logger_draws_its_curves_to_a_png(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from grto_cli.core.report import plot_run_curves
-    from grto_cli.stages.live import CURVES_PNG
+    from grto_cli.core.curves import CURVES_PNG, plot_run_curves
 
     with StepLogger(tmp_path, title="train b-grto") as log:
         for step in (1, 2, 3):
@@ -40,7 +39,7 @@ def test_a_finished_logger_draws_its_curves_to_a_png(tmp_path):
 
 
 def test_no_curves_no_png(tmp_path):
-    from grto_cli.core.report import plot_run_curves
+    from grto_cli.core.curves import plot_run_curves
 
     assert plot_run_curves(tmp_path, tmp_path / "x.png", "t") == [] and not (tmp_path / "x.png").exists()
 

@@ -129,7 +129,7 @@ def test_an_empty_target_has_no_oracle_prompt_and_stays_out_of_training(tmp_path
     from grto_cli.core.data.masks import encode_rle
     from grto_cli.core.data.records import EMPTY_TARGET, Record, write_manifest
     from grto_cli.core.inference import oracle_call
-    from grto_cli.stages.common import training_records
+    from grto_cli.stages.sections import training_records
 
     def record(i, mask, meta):
         return Record(id=f"r{i}", image="x.png", width=10, height=10, query="q", mask=encode_rle(mask),

@@ -32,7 +32,8 @@ from grto_cli.core.answer import parse_answer
 from grto_cli.core.project import TEMPLATES, package_dir, write_project
 from grto_cli.core.trainer import LoraParams
 from grto_cli.stages.bootstrap import BootstrapStageConfig
-from grto_cli.stages.common import PolicyParams, ToolParams, stage_config
+from grto_cli.stages.params import stage_config
+from grto_cli.stages.sections import PolicyParams, ToolParams
 from grto_cli.stages.evaluate import EvaluateConfig
 from grto_cli.stages.export import ExportConfig
 from grto_cli.stages.prepare import PrepareConfig

@@ -254,7 +254,8 @@ def test_the_template_places_the_image(tiny_system, template, image_first):
 
 
 def test_a_template_without_one_query_slot_is_refused():
-    from grto_cli.stages.common import ConfigError, PolicyParams
+    from grto_cli.stages.params import ConfigError
+    from grto_cli.stages.sections import PolicyParams
 
     for bad in ("Locate the shape.", "{query} {query}", "{image} {query} {image}"):
         with pytest.raises(ConfigError, match="prompt_template"):

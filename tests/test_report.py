@@ -19,7 +19,7 @@ import numpy as np
 from grto_cli.core import report
 from grto_cli.core.data.records import record_from_mask, write_manifest
 from grto_cli.stages import report as stage
-from grto_cli.stages.common import ConfigError
+from grto_cli.stages.params import ConfigError
 
 METHODS = ["grpo", "grto", "b-grto"]
 SEEDS = [0, 1]

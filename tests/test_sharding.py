@@ -82,7 +82,7 @@ def test_sharding_is_refused_with_lora_or_a_lone_process(tiny_system, synthetic_
                     records, synthetic_data, memory=MemoryParams(sharding=sharding))
     with pytest.raises(ValueError, match="sharding"):
         MemoryParams(sharding="zero2").validate()
-    from grto_cli.core.engines import SHARDINGS
+    from grto_cli.core.engines.registry import SHARDINGS
 
     assert SHARDINGS == ("none", "fsdp", "zero3")  # the closed registry
 

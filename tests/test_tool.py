@@ -101,10 +101,13 @@ def test_embeddings_computed_on_the_gpu_are_cached_on_the_cpu():
 
 def test_the_tool_section_reaches_the_loaded_tool(tiny_system, tmp_path):
     from grto_cli.core.checkpoint import system_paths
-    from grto_cli.stages.common import policy_params, tool_params
+    from grto_cli.stages.params import Params
+    from grto_cli.stages.sections import PolicyParams, ToolParams
     from grto_cli.stages.system import load_stage_system
 
     params = tmp_path / "params.yaml"
     params.write_text("policy: {device: cpu}\ntool: {encode_batch: 3, cache_bytes: 12345}\n")
-    _, tool = load_stage_system(system_paths(str(tiny_system)), policy_params(params), tool_params(params))
+    read = Params(params)
+    _, tool = load_stage_system(system_paths(str(tiny_system)), read.section(PolicyParams, "policy"),
+                                read.section(ToolParams, "tool"))
     assert tool.encode_batch == 3 and tool.sam_embedding_cache.max_bytes == 12345

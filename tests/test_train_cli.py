@@ -185,7 +185,7 @@ def test_auto_dtype_trains_float32_weights_in_a_full_fine_tune():
     keeps auto with LoRA, and leaves an explicit dtype to the trainer's check."""
     import grto_cli.stages.train as train_stage
     from grto_cli.core.trainer import LoraParams, RLConfig
-    from grto_cli.stages.common import PolicyParams
+    from grto_cli.stages.sections import PolicyParams
 
     full, lora = RLConfig(lora=None), RLConfig(lora=LoraParams())
     assert train_stage.training_policy_params(PolicyParams(dtype="auto", device="cuda"), full).dtype == "float32"

@@ -79,7 +79,8 @@ def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False,
                 state: dict[str, torch.Tensor] | None = None) -> None:
     """``<system>/policy``: the model (a LoRA model saves its adapter, which ``load_policy`` puts back
     on its base; ``merge_lora`` folds the adapters in and saves a plain model) + the processor.
-    ``state``: the model's whole state dict, where its parameters are sharded (``sharding.py``)."""
+    ``state``: the model's whole state dict, where its parameters are sharded (``engines/fsdp.py``,
+    ``engines/zero3.py``)."""
     model = policy.model
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

@@ -64,11 +64,35 @@ def gt_prompt(record: Record, mask: np.ndarray, rng: np.random.Generator, jitter
 
 @dataclass
 class SamTrainConfig:
+    """The tiny SAM's warm-up on ground-truth prompts (params.yaml ``pretrain.sam``)."""
+
     steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     box_jitter: float = 0.1
     loss: str = "dice_bce"
+
+
+def warm_up(module: torch.nn.Module, steps: int, lr: float, warmup: int, loss_at: Callable[[int], torch.Tensor],
+            stat: str, max_grad_norm: float | None = None, on_step: StepCallback | None = None) -> dict:
+    """The loop both warm-ups share: AdamW (weight decay 0.01) on every weight of ``module``, linear
+    warm-up then cosine decay, one ``loss_at(step)`` per step (clipped to ``max_grad_norm`` when
+    given); returns the last step's ``{stat: loss}``."""
+    optim = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.01)
+    sched = warmup_cosine(optim, warmup, steps)
+    last = {}
+    for step in range(steps):
+        loss = loss_at(step)
+        optim.zero_grad()
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+        optim.step()
+        sched.step()
+        last = {stat: loss.item()}
+        if on_step:
+            on_step(step, last)
+    return last
 
 
 def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainConfig, seed: int,
@@ -77,11 +101,9 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     sam = tool.sam.train()
-    optim = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = warmup_cosine(optim, max(1, cfg.steps // 10), cfg.steps)
     images = {}
-    last = {}
-    for step in range(cfg.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = [records[int(i)] for i in rng.integers(len(records), size=cfg.batch_size)]
         for r in batch:
             if r.id not in images:
@@ -94,20 +116,18 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
             call = gt_prompt(r, mask, rng, cfg.box_jitter)
             logits = tool.decode(embeddings[i:i + 1], [call], mask.shape)
             losses.append(seg_loss(logits, torch.as_tensor(mask)[None], cfg.loss))
-        loss = torch.cat(losses).mean()
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        sched.step()
-        last = {TOOL_LOSS: loss.item()}
-        if on_step:
-            on_step(step, last)
+        return torch.cat(losses).mean()
+
+    last = warm_up(sam, cfg.steps, cfg.lr, max(1, cfg.steps // 10), loss_at, TOOL_LOSS, on_step=on_step)
     sam.eval()
     return last
 
 
 @dataclass
 class PolicySftConfig:
+    """The tiny VLM's supervised warm-up on formatted ground-truth answers (params.yaml
+    ``pretrain.sft``): it learns the answer format and rough coordinates, RL does the rest."""
+
     steps: int = 800
     batch_size: int = 16
     lr: float = 2e-3
@@ -172,12 +192,10 @@ def train_policy_sft(policy: Policy, records: list[Record], root: Path, cfg: Pol
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = policy.model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = warmup_cosine(optim, cfg.warmup, cfg.steps)
     coords = coordinate_tokens(policy.tokenizer)
     cache: dict[str, tuple] = {}
-    last = {}
-    for step in range(cfg.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = [records[int(i)] for i in rng.integers(len(records), size=cfg.batch_size)]
         for r in batch:
             if r.id not in cache:
@@ -188,15 +206,9 @@ def train_policy_sft(policy: Policy, records: list[Record], root: Path, cfg: Pol
         answers = [sft_answer(policy, r, cache[r.id][1], size) for r, size in zip(batch, resized)]
         inputs = encode_prompts(policy, images, [r.query for r in batch], answers=answers)
         labels = _answer_labels(inputs, prompt_only)
-        loss = sft_loss(model(**inputs).logits, labels, coords, cfg.coord_sigma, cfg.coord_mix)
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        sched.step()
-        last = {SFT_LOSS: loss.item()}
-        if on_step:
-            on_step(step, last)
+        return sft_loss(model(**inputs).logits, labels, coords, cfg.coord_sigma, cfg.coord_mix)
+
+    last = warm_up(model, cfg.steps, cfg.lr, cfg.warmup, loss_at, SFT_LOSS, max_grad_norm=1.0, on_step=on_step)
     model.eval()
     return last
 

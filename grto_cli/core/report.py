@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from grto_cli.core.answer import ToolCall
+from grto_cli.core.curves import Curve
 from grto_cli.core.io import atomic_path
 
-Curve = list[tuple[int, float]]
 
 # metrics.json key -> column title: what the report tabulates per split (see metrics.py for each).
 REPORT_METRICS = {"giou": "gIoU", "ciou": "cIoU", "call_box_iou": "box IoU", "point_in_target": "point in target",
@@ -48,16 +48,6 @@ def constant_call(boxes: Sequence[Sequence[float]]) -> ToolCall:
     """
     x1, y1, x2, y2 = (float(v) for v in np.median(np.asarray(boxes, dtype=np.float64), axis=0))
     return ToolCall(box=(x1, y1, x2, y2), points=(((x1 + x2) / 2, (y1 + y2) / 2),))
-
-
-def read_curve(tsv: str | Path) -> Curve:
-    """A dvclive curve file (``step<TAB>value`` rows under a header) as (step, value) pairs."""
-    _, *rows = Path(tsv).read_text().splitlines()
-    out = []
-    for row in rows:
-        step, value = row.split("\t")[:2]
-        out.append((int(float(step)), float(value)))
-    return out
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -181,36 +171,3 @@ def plot_methods(series: Mapping[str, Sequence[Curve]], xlabel: str, ylabel: str
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def plot_run_curves(metrics_dir: str | Path, path: str | Path, title: str, ncols: int = 3) -> list[str]:
-    """Every dvclive curve under ``metrics_dir`` (``<name>.tsv``, nested by namespace) on one PNG, a
-    panel per metric, so a run's curves open offline without `dvc plots show`'s web page. Returns
-    the metric names drawn, in panel order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    root = Path(metrics_dir)
-    curves = {str(t.relative_to(root).with_suffix("")): read_curve(t) for t in sorted(root.rglob("*.tsv"))}
-    curves = {name: c for name, c in curves.items() if c}
-    if not curves:
-        return []
-    nrows = math.ceil(len(curves) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.3 * nrows), dpi=90, squeeze=False)
-    for ax, (name, curve) in zip(axes.flat, curves.items()):
-        steps, values = zip(*curve)
-        ax.plot(steps, values, marker="." if len(curve) < 30 else None, linewidth=1.2)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(curves):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title above the panels
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return list(curves)

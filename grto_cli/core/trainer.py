@@ -3,19 +3,17 @@
 grpo: the tool stays frozen (bit-identical). grto: the tool trains on the same rollouts from the
 base tool. b-grto: as grto, from the bootstrapped tool. Everything else is shared.
 
-One step: sample B queries (chosen by (seed, step), so a resumed run sees the same batches) and G
-rollouts each -> rewards -> group-normalised advantages -> mu epochs of the clipped surrogate
-(+ k3 KL to the frozen reference when beta > 0) over micro-batches with whole-batch loss
-normalisation -> one tool step on lambda_tool * L_tool -> the step's statistics. ``fit`` runs the
-steps, evaluates val, keeps the best-on-val system and writes resumable checkpoints
-(``checkpoint.RunDir``).
+One step: B queries drawn by (seed, step) (a resumed run sees the same batches), G rollouts each
+-> rewards -> group-normalised advantages -> mu epochs of the clipped surrogate (+ k3 KL to the
+frozen reference when beta > 0) over micro-batches, normalised over the whole batch -> one tool
+step on lambda_tool * L_tool -> the step's statistics. ``fit`` runs the steps, evaluates val, keeps
+the best-on-val system and writes resumable checkpoints (``checkpoint.RunDir``).
 
 Over N processes (``distributed.Processes``) the math is one process's: each takes a contiguous
-block of whole groups from the same global draw, a group's sampling noise is keyed by (seed, step,
-group) alone, the loss normalisers and logged statistics are sums over the global batch, and each
-process's loss is its share of the global loss times N (the engines average gradients over
-processes). How the policy's passes run over the processes (DDP, or a full fine-tune sharded by
-FSDP2 or ZeRO-3) is the engine's business (``core/engines``): the trainer only calls it.
+block of whole groups from the same global draw, a group's noise is keyed by (seed, step, group)
+alone, normalisers and logged statistics are sums over the global batch, and each process's loss
+is its share of the global loss times N (gradients are averaged over processes). How the policy's
+passes run over the processes is the engine's business (``core/engines``).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from grto_cli.core import engines
+from grto_cli.core.engines.registry import build as build_engine
 from grto_cli.core.checkpoint import RunDir, load_resume, save_resume, save_system
 from grto_cli.core.config import METHODS, check_choice, check_positive
 from grto_cli.core.data.images import load_rgb
@@ -41,13 +39,12 @@ from grto_cli.core.grpo import AGGREGATION_MODES, batch_normaliser, group_advant
 from grto_cli.core.grto import TOOL_WEIGHTINGS, ToolLossTerms, freeze_image_encoder, rollout_weights, tool_optimizer
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.metrics import (LOSS_POLICY, LOSS_TOTAL, PERF_PEAK_GPU_MEM_GIB, PERF_ROLLOUTS_PER_SECOND,
-                                   PERF_STEP_SECONDS, POLICY_GRAD_NORM, ROLLOUT_BOX_IOU, ROLLOUT_COMPLETION_TOKENS,
-                                   ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE, ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET,
-                                   ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD, ROLLOUT_ZERO_STD_GROUPS, TOOL_LOSS,
-                                   TOOL_VALID_ROLLOUTS, VAL_GIOU, distinct_calls, val_metrics)
-from grto_cli.core.policy import LOGPROB_CHUNK, Policy
+                                   PERF_STEP_SECONDS, POLICY_GRAD_NORM, TOOL_LOSS, TOOL_VALID_ROLLOUTS, VAL_GIOU,
+                                   val_metrics)
+from grto_cli.core.policy import Policy
 from grto_cli.core.rewards import RewardWeights
-from grto_cli.core.rollout import PolicyLogprobs, RolloutBatch, SamplingParams, rollout_group
+from grto_cli.core.rollout import PolicyLogprobs, RolloutBatch, SamplingParams, rollout_group, rollout_statistics
+from grto_cli.core.settings import MemoryParams, Schedule, TrainState
 from grto_cli.core.sampling import rollout_key
 from grto_cli.core.tool import SEG_LOSSES, SamTool
 
@@ -95,48 +92,6 @@ class RLConfig:
             raise ValueError("sampling.top_p must be 1.0: training log-probs do not reproduce a top-p filter")
 
 
-@dataclass
-class Schedule:
-    """How long and how often: free to change when a run resumes (raise ``steps`` to extend it)."""
-
-    steps: int = 100
-    eval_every: int = 25  # on val; the best val checkpoint becomes the output; 0: never
-    eval_limit: int | None = None
-    eval_batch_size: int = 50
-    checkpoint_every: int = 10  # and at the last step
-
-    def validate(self) -> None:
-        check_positive("checkpoint_every", self.checkpoint_every)
-        check_positive("eval_batch_size", self.eval_batch_size)
-        if self.steps < 0 or self.eval_every < 0:
-            raise ValueError(f"steps and eval_every must be >= 0 (eval_every 0: never), got {self.steps} and "
-                             f"{self.eval_every}")
-
-
-@dataclass
-class MemoryParams:
-    """Compute-for-memory trades that leave the math as it is (free to change when a run resumes)."""
-
-    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing in the policy
-    logprob_chunk: int = LOGPROB_CHUNK  # completion tokens whose full-vocabulary logits exist at once
-    # none: a whole policy per process (DDP); fsdp / zero3: a full fine-tune's weights, gradients and
-    # AdamW states split over the processes, by FSDP2 or DeepSpeed ZeRO-3 (core/engines)
-    sharding: str = "none"
-
-    def validate(self) -> None:
-        check_choice("sharding", self.sharding, engines.SHARDINGS)
-        check_positive("logprob_chunk", self.logprob_chunk)
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # steps completed
-    best_val_giou: float | None = None
-    best_step: int | None = None
-    resumed_from: int | None = None
-    world_size: int = 1  # processes of the invocation that wrote this state
-
-
 class Trainer:
     def __init__(self, cfg: RLConfig, policy: Policy, tool: SamTool, train_records: list[Record],
                  val_records: list[Record], root: Path, require_think: bool = False,
@@ -151,7 +106,7 @@ class Trainer:
         self.local = self.processes.block(cfg.queries_per_step, "queries per step (train.queries_per_step)")
         self.timed = timer or (lambda part: contextlib.nullcontext())
         self.state = TrainState()
-        self.engine = engines.build(self.memory.sharding, self.processes, cfg.max_grad_norm, cfg.lora is not None)
+        self.engine = build_engine(self.memory.sharding, self.processes, cfg.max_grad_norm, cfg.lora is not None)
         prepare_policy(policy, cfg.lora, cfg.freeze_vision, self.memory.gradient_checkpointing)
         reference = frozen_reference(policy, cfg.lora) if cfg.beta > 0 else None
         self.engine.prepare(PolicyLogprobs(policy.model), PolicyLogprobs(reference) if reference else None,
@@ -197,7 +152,7 @@ class Trainer:
         log(self.state.step, val)
         if self.state.best_val_giou is None or val[VAL_GIOU] > self.state.best_val_giou:
             self.state.best_val_giou, self.state.best_step = val[VAL_GIOU], self.state.step
-            policy_state = self.engine.model_state()  # gathered by every process when sharded
+            policy_state = self.engine.model_state()  # every process takes part; the main one writes
             if self.processes.is_main:
                 with atomic_dir(run.best) as tmp:
                     save_system(self.policy, self.tool, tmp, policy_state=policy_state)
@@ -213,7 +168,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # any other randomness is (seed, step)'s
         batch = self.rollouts(step)  # G completions per query, their calls, masks and rewards
         advantages, _ = group_advantages(batch.rewards.total, batch.group_size, self.cfg.scale_by_std)  # (n,)
-        metrics = self.rollout_metrics(batch)
+        metrics = rollout_statistics(batch, self.processes.gather, self.cfg.scale_by_std)
         metrics.update(self.policy_update(batch, advantages))
         metrics.update(self.tool_update(batch, advantages))
         self.state.step += 1
@@ -241,21 +196,6 @@ class Trainer:
         if r.id not in self._images:
             self._images[r.id] = (load_rgb(r.image_path(self.root)), r.decode_mask())
         return self._images[r.id]
-
-    def rollout_metrics(self, batch: RolloutBatch) -> dict:
-        """Rollout statistics of the whole global batch (every process's groups, in order, in one gather)."""
-        r = batch.rewards
-        rows = self.processes.gather(list(zip(
-            r.total.tolist(), r.format_ok.float().tolist(), r.iou.tolist(), r.box_iou.tolist(), r.point.tolist(),
-            batch.completion_mask.sum(1).float().tolist(), batch.calls)))
-        total, format_ok, iou, box_iou, point, tokens, calls = zip(*rows)
-        total = torch.tensor(total)  # (N,)
-        _, zero_std = group_advantages(total, batch.group_size, self.cfg.scale_by_std)
-        return {ROLLOUT_REWARD_MEAN: total.mean().item(), ROLLOUT_REWARD_STD: total.std().item(),
-                ROLLOUT_FORMAT_RATE: float(np.mean(format_ok)), ROLLOUT_IOU: float(np.mean(iou)),
-                ROLLOUT_ZERO_STD_GROUPS: zero_std, ROLLOUT_COMPLETION_TOKENS: float(np.mean(tokens)),
-                ROLLOUT_BOX_IOU: float(np.mean(box_iou)), ROLLOUT_POINT_IN_TARGET: float(np.mean(point)),
-                ROLLOUT_DISTINCT_CALLS: distinct_calls(calls) / len(calls)}
 
     def logprobs(self, logprob_pass: torch.nn.Module, batch: RolloutBatch, rows: slice) -> torch.Tensor:
         """Per-token log-probs (n, L) of some rollouts through an engine's pass (the policy's, with or
@@ -355,7 +295,7 @@ class Trainer:
                                           generating=self.engine.generating))
 
     def save_checkpoint(self, directory: Path) -> None:
-        """The main process writes (a sharded engine's whole states are gathered by every process)."""
+        """Every process takes part in the engine's whole states; the main process writes."""
         self.state.world_size = self.processes.world_size
         policy_state, optimizer_state = self.engine.model_state(), self.engine.optimizer_state()
         if self.processes.is_main:

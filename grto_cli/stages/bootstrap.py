@@ -11,9 +11,11 @@ from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, train_too
 from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
 from grto_cli.core.io import atomic_dir, write_jsonl
 from grto_cli.core.metrics import TOOL_LOSS
-from grto_cli.stages.common import (ConfigError, console, join_processes, policy_params, progress_bar,
-                                    quiet_transformers, set_threads, stage_config, summary_table, tool_params,
-                                    training_records, write_run_record)
+from grto_cli.stages.console import console, progress_bar, summary_table
+from grto_cli.stages.params import ConfigError, Params
+from grto_cli.stages.record import write_run_record
+from grto_cli.stages.runtime import join_processes, quiet_transformers, set_threads
+from grto_cli.stages.sections import PolicyParams, ToolParams, training_records
 from grto_cli.stages.live import StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -32,9 +34,9 @@ class BootstrapStageConfig(BootstrapConfig):
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
-    cfg = stage_config(BootstrapStageConfig, params, "bootstrap", overrides, **explicit)  # validated
-    pol_cfg = policy_params(params, overrides)
-    tool_cfg = tool_params(params, overrides)
+    read = Params(params, overrides)  # read once
+    cfg = read.section(BootstrapStageConfig, "bootstrap", **explicit)  # validated
+    pol_cfg, tool_cfg = read.section(PolicyParams, "policy"), read.section(ToolParams, "tool")
     set_threads()
     quiet_transformers()
     processes = join_processes(pol_cfg.device)

@@ -14,8 +14,11 @@ from grto_cli.core.data.records import QUERY_KIND, read_manifest
 from grto_cli.core.evaluation import Scored, evaluate_split
 from grto_cli.core.io import write_json, write_jsonl
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (console, join_processes, policy_params, progress_bar, quiet_transformers,
-                                    set_threads, stage_config, summary_table, tool_params, write_run_record)
+from grto_cli.stages.console import console, progress_bar, summary_table
+from grto_cli.stages.params import Params
+from grto_cli.stages.record import write_run_record
+from grto_cli.stages.runtime import join_processes, quiet_transformers, set_threads
+from grto_cli.stages.sections import PolicyParams, ToolParams
 from grto_cli.stages.system import load_stage_system
 
 @dataclass
@@ -43,9 +46,9 @@ def default_out(cfg: EvaluateConfig) -> Path:
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
-    cfg = stage_config(EvaluateConfig, params, "evaluate", overrides, **explicit)
-    pol_cfg = policy_params(params, overrides)
-    tool_cfg = tool_params(params, overrides)
+    read = Params(params, overrides)  # read once
+    cfg = read.section(EvaluateConfig, "evaluate", **explicit)
+    pol_cfg, tool_cfg = read.section(PolicyParams, "policy"), read.section(ToolParams, "tool")
     set_threads()
     quiet_transformers()
     processes = join_processes(pol_cfg.device)

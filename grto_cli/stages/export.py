@@ -15,8 +15,11 @@ from grto_cli.core.export import read_bundle, write_bundle
 from grto_cli.core.inference import predict_batch
 from grto_cli.core.io import atomic_path, hash_path
 from grto_cli.core.visualize import overlay_sheet
-from grto_cli.stages.common import (pick_device, pick_dtype, policy_params, quiet_transformers,
-                                    stage_config, summary_table, versions)
+from grto_cli.stages.console import summary_table
+from grto_cli.stages.params import Params
+from grto_cli.stages.record import versions
+from grto_cli.stages.runtime import pick_device, pick_dtype, quiet_transformers
+from grto_cli.stages.sections import PolicyParams
 
 
 @dataclass
@@ -28,8 +31,8 @@ class ExportConfig:
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> Path:
-    cfg = stage_config(ExportConfig, params, "export", overrides, **explicit)
-    pol_cfg = policy_params(params, overrides)
+    read = Params(params, overrides)  # read once
+    cfg, pol_cfg = read.section(ExportConfig, "export", **explicit), read.section(PolicyParams, "policy")
     quiet_transformers()
     paths = system_paths(cfg.checkpoint)
     # On the CPU (no accelerator needed to export); the policy section's dtype (bfloat16 for 7B) is kept.

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from grto_cli.core.config import check_choice
 from grto_cli.core.project import SETTINGS, write_project
-from grto_cli.stages.common import ConfigError, console, summary_table
+from grto_cli.stages.console import console, summary_table
+from grto_cli.stages.params import ConfigError
 
 
 def _git_root(root: Path) -> Path | None:

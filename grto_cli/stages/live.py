@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grto_cli.core.io import write_text
-from grto_cli.core.report import plot_run_curves
-
-CURVES_PNG = "curves.png"  # beside the curves it draws: <dir>/plots/metrics/curves.png
-
-
-def truncate_curves(directory: str | Path, last_step: int) -> None:
-    """Drop the rows after ``last_step`` from every curve: what a killed run logged past its last
-    checkpoint is logged again, for the same steps, when it resumes."""
-    for tsv in sorted(Path(directory).glob("plots/metrics/**/*.tsv")):
-        header, *rows = tsv.read_text().splitlines()
-        kept = [r for r in rows if int(float(r.split("\t")[0])) <= last_step]
-        if len(kept) != len(rows):
-            write_text(tsv, "\n".join([header, *kept]) + "\n")
-
+from grto_cli.core.curves import CURVES_PNG, metrics_dir, plot_run_curves, truncate_curves
 
 class StepLogger:
     """A dvclive writer used as a context manager; logs a dict of scalars per step. ``resume_step``
@@ -53,7 +39,7 @@ class StepLogger:
 
     def __exit__(self, *exc) -> None:
         self.live.end()
-        metrics = self.directory / "plots" / "metrics"
+        metrics = metrics_dir(self.directory)
         # `dvc plots show` writes a page that loads vega from a CDN; this PNG needs nothing.
         plot_run_curves(metrics, metrics / CURVES_PNG, self.title)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from grto_cli.core.data.records import DataError, Record, SkipReport, write_manifest
 from grto_cli.core.data.synthetic import SPLITS, generate_split
 from grto_cli.core.io import atomic_dir, write_json
-from grto_cli.stages.common import console, progress_bar, stage_config, summary_table, write_run_record
+from grto_cli.stages.console import console, progress_bar, summary_table
+from grto_cli.stages.params import stage_config
+from grto_cli.stages.record import write_run_record
 
 
 @dataclass

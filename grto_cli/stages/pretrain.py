@@ -23,8 +23,11 @@ from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
 from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam_arch
 from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
-from grto_cli.stages.common import (console, cpu_threads, policy_params, progress_bar, set_threads,
-                                    stage_config, summary_table, write_run_record)
+from grto_cli.stages.console import console, progress_bar, summary_table
+from grto_cli.stages.params import Params
+from grto_cli.stages.record import write_run_record
+from grto_cli.stages.runtime import cpu_threads, set_threads
+from grto_cli.stages.sections import PolicyParams
 from grto_cli.stages.live import StepLogger
 
 
@@ -119,8 +122,8 @@ class _ToolWarmup:
 
 
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
-    cfg = stage_config(PretrainConfig, params, "pretrain", overrides, **explicit)
-    pol_cfg = policy_params(params, overrides)
+    read = Params(params, overrides)  # read once
+    cfg, pol_cfg = read.section(PretrainConfig, "pretrain", **explicit), read.section(PolicyParams, "policy")
     set_threads()
     manifest = Path(cfg.data) / "train.jsonl"
     records, _ = read_manifest(manifest)

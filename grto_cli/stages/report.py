@@ -18,9 +18,11 @@ from grto_cli.core.data.records import read_manifest
 from grto_cli.core.io import write_text
 from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, GroundingMeter
 from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, constant_call, fmt,
-                                  markdown_table, mean_std, ordering, plot_methods, read_curve, split_stats,
+                                  markdown_table, mean_std, ordering, plot_methods, split_stats,
                                   steps_to_reach)
-from grto_cli.stages.common import ConfigError, console, stage_config, summary_table
+from grto_cli.core.curves import curve_path, read_curve
+from grto_cli.stages.console import console, summary_table
+from grto_cli.stages.params import ConfigError, stage_config
 
 BEST_FIRST = ("b-grto", "grto", "grpo")  # the ordering the paper claims, checked (not assumed) below
 
@@ -71,7 +73,7 @@ def read_run(cfg: StudyConfig, method: str, seed: int) -> RunResult:
     rl = record["params"]["train"]["rl"]
     curves = {}
     for name in (VAL_GIOU, ROLLOUT_REWARD_MEAN):
-        tsv = rdir / "train" / "plots" / "metrics" / f"{name}.tsv"
+        tsv = curve_path(rdir / "train", name)
         if not tsv.is_file():
             raise ConfigError(f"report: {tsv} does not exist ({method} seed {seed}'s {name} curve)")
         curves[name] = read_curve(tsv)

@@ -6,7 +6,9 @@ from grto_cli.core.checkpoint import SystemPaths, load_system
 from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import Policy
 from grto_cli.core.tool import EmbeddingCache, SamTool
-from grto_cli.stages.common import ConfigError, PolicyParams, ToolParams, pick_dtype, process_device
+from grto_cli.stages.params import ConfigError
+from grto_cli.stages.runtime import pick_dtype, process_device
+from grto_cli.stages.sections import PolicyParams, ToolParams
 
 
 def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams,

@@ -18,9 +18,11 @@ from grto_cli.core.data.records import DataError, read_manifest
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.core.metrics import ROLLOUT_IOU, ROLLOUT_REWARD_MEAN
 from grto_cli.core.trainer import MemoryParams, RLConfig, Schedule, Trainer
-from grto_cli.stages.common import (FLAT, ConfigError, PolicyParams, console, join_processes, pick_device, pick_dtype,
-                                    policy_params, progress_bar, quiet_transformers, set_threads, stage_config,
-                                    summary_table, tool_params, training_records, write_run_record)
+from grto_cli.stages.console import console, progress_bar, summary_table
+from grto_cli.stages.params import FLAT, ConfigError, Params
+from grto_cli.stages.record import write_run_record
+from grto_cli.stages.runtime import join_processes, pick_device, pick_dtype, quiet_transformers, set_threads
+from grto_cli.stages.sections import PolicyParams, ToolParams, training_records
 from grto_cli.stages.live import NoLogger, StepLogger
 from grto_cli.stages.system import load_stage_system
 
@@ -84,9 +86,10 @@ def resume_key(cfg: TrainConfig, pol: PolicyParams, inputs: dict[str, str | Path
 
 
 def run(params: str | None, overrides: list[str] | None = None, fresh: bool = False, **explicit) -> dict:
-    cfg = stage_config(TrainConfig, params, "train", overrides, **explicit)  # validated: nothing loaded yet
-    pol_cfg = training_policy_params(policy_params(params, overrides), cfg.rl)
-    tool_cfg = tool_params(params, overrides)
+    read = Params(params, overrides)  # read once
+    cfg = read.section(TrainConfig, "train", **explicit)  # validated: nothing loaded yet
+    pol_cfg = training_policy_params(read.section(PolicyParams, "policy"), cfg.rl)
+    tool_cfg = read.section(ToolParams, "tool")
     set_threads()
     quiet_transformers()
     processes = join_processes(pol_cfg.device)

@@ -1,27 +1,4 @@
 """The engines a policy trains under (``train.sharding``), one module each, behind ``base.Engine``:
-
-- ``none``  (``base.py``): one whole policy per process, DDP over several;
-- ``fsdp``  (``fsdp.py``): FSDP2 shards a full fine-tune's weights, gradients and AdamW states;
-- ``zero3`` (``zero3.py``): DeepSpeed ZeRO-3 does the same, with its own engine for backward and step.
-"""
-
-from __future__ import annotations
-
-from grto_cli.core.distributed import Processes
-from grto_cli.core.engines.base import Engine
-from grto_cli.core.engines.fsdp import FsdpEngine
-from grto_cli.core.engines.zero3 import Zero3Engine
-
-ENGINES: dict[str, type[Engine]] = {"none": Engine, "fsdp": FsdpEngine, "zero3": Zero3Engine}
-SHARDINGS = tuple(ENGINES)
-
-
-def build(sharding: str, processes: Processes, max_grad_norm: float, lora: bool) -> Engine:
-    """The engine ``train.sharding`` names; a sharded one only for a full fine-tune over processes."""
-    engine = ENGINES[sharding](processes, max_grad_norm)
-    if engine.sharded and (lora or not processes.distributed):
-        raise ValueError(f"train.sharding: {sharding} shards a full fine-tune (train.lora: null) over several "
-                         f"processes (accelerate launch --num_processes N); LoRA and a lone process use "
-                         f"sharding: none")
-    processes.lockstep = engine.sharded  # every process runs every forward of a sharded policy
-    return engine
+``none`` (``base.py``: a whole policy per process, DDP over several), ``fsdp`` (``fsdp.py``: FSDP2
+shards a full fine-tune's weights, gradients and AdamW states) and ``zero3`` (``zero3.py``:
+DeepSpeed ZeRO-3 does the same). ``registry.py`` holds the closed registry and ``build``."""

@@ -18,6 +18,15 @@ torch.set_num_threads(2)
 TINY_SYSTEM_TEMPLATE = "Locate: {query}."
 
 
+@pytest.fixture(autouse=True)
+def _two_torch_threads():
+    """Every test starts with the CI machine's 2 torch threads, whatever a stage run in-process set
+    before it (`grto pretrain` gives the policy's warm-up half the threads): a test's floats, and
+    what an RL run learns from them, must not depend on which tests ran first."""
+    torch.set_num_threads(2)
+    yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the prepared layout."""
@@ -40,9 +49,11 @@ def tiny_system(tmp_path_factory, synthetic_data) -> Path:
     from grto_cli.core.tiny import TinyVLMArch, build_tiny_vlm, tiny_sam_arch
     from grto_cli.core.tool import SamTool, build_sam, save_sam
 
+    torch.set_num_threads(2)  # built before any test's own fixtures: the same weights whoever asks first
     out = tmp_path_factory.mktemp("system")
     records, _ = read_manifest(synthetic_data / "train.jsonl")
     arch = tiny_sam_arch()
+    torch.manual_seed(0)  # SAM's initial weights: the same whichever tests ran before
     tool = SamTool(build_sam(arch), arch)
     train_sam(tool, records, synthetic_data, SamTrainConfig(steps=10, batch_size=4), seed=0)
     save_sam(tool.sam, arch, out / "tool")

@@ -60,14 +60,19 @@ def test_tool_loss_gradients_reach_only_prompt_encoder_and_mask_decoder():
 
 
 def test_rollouts_parse_score_and_share_one_embedding_per_image(tiny_system, synthetic_data):
-    trainer = _trainer(tiny_system, synthetic_data, "grpo")
+    # 4 x 8 rollouts: enough parsable calls that some earn a box or point term; every term weighted
+    weights = RewardWeights(format=0.5, format_penalty=0.25, iou=1.0, box_iou=0.5, point=0.3)
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", queries_per_step=4, rewards=weights,
+                       sampling=SamplingParams(group_size=8, max_new_tokens=32))
     batch = trainer.rollouts(0)
-    n = 2 * 4
+    n = 4 * 8
     assert batch.completion_ids.shape[0] == n and len(batch.parsed) == n
-    assert batch.embeddings.shape[0] == 2  # one encoder pass per image, not per rollout
-    assert trainer.tool.sam_embedding_cache.misses == 2
-    weights, r = RewardWeights(), batch.rewards
+    assert batch.embeddings.shape[0] == 4  # one encoder pass per image, not per rollout
+    assert trainer.tool.sam_embedding_cache.misses == 4
+    r = batch.rewards
     assert r.format_ok.any() and not r.format_ok.all(), "the batch needs parsable and unparsable answers"
+    earned = (weights.iou * r.iou + weights.box_iou * r.box_iou + weights.point * r.point)[r.format_ok]
+    assert (earned > 0).any(), "a parsable call must earn a term beyond format, or the sum below checks format alone"
     for i, p in enumerate(batch.parsed):
         assert bool(r.format_ok[i]) == p.format_ok == (p.call is not None)
         if p.format_ok:  # the trainer's reward is the documented sum, with the tool's mask IoU in it

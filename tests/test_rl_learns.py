@@ -1,14 +1,15 @@
 """GRPO visibly learns from what the call says, not only from its parsing: a few dozen real GRPO
 steps raise the box IoU of the policy's parsable calls, measured on fixed held-out batches (the
-same queries and sampling keys before and after), far beyond what the batch noise allows.
+same queries and sampling keys before and after), by more than 0.1 (0.215 measured).
 
 The task is made learnable at test size: every training record's target is one central box (the
 real reward code, the real rollout path; only the data is easy), and the fixture policy gets a
 longer supervised warm-up so that most of its answers parse (format is then nearly fixed). The
 reward is the call's box IoU alone (no format terms: an unparsable answer earns 0, as a parsable
 one that misses does). A learner that only learned to parse more often leaves the parsable box
-IoU where it was and fails; so does a flipped advantage or policy-loss sign, or a loss detached
-from the model (measured in the closing note of issue 21)."""
+IoU where it was and fails (0.161 -> 0.155 while the parse rate rose 0.82 -> 0.93); so do a
+flipped advantage sign and a loss detached from the model (checked in a scratch copy: issue 21's
+closing note)."""
 
 import shutil
 from dataclasses import replace

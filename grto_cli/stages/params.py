@@ -164,23 +164,19 @@ class Params:
     def section(self, cls: type[T], section: str, **explicit: Any) -> T:
         """A section as its config type: the file's values, overridden, then explicit CLI options.
         A config with a ``validate()`` method is checked here, before a stage loads anything."""
-        return section_config(cls, self.data, section, **explicit)
+        data = dict(self.data.get(section) or {})
+        for key, value in explicit.items():
+            if value is not None:
+                data[key] = value
+        cfg = build_config(cls, data, section)
+        try:
+            getattr(cfg, "validate", lambda: None)()
+        except ValueError as exc:
+            raise ConfigError(f"{section}: {exc}") from None
+        return cfg
 
 
 def stage_config(cls: type[T], params_path: str | Path | None, section: str, overrides: list[str] | None = None,
                  **explicit: Any) -> T:
     """One section of a params file (for a command that needs no other)."""
     return Params(params_path, overrides).section(cls, section, **explicit)
-
-
-def section_config(cls: type[T], params: dict, section: str, **explicit: Any) -> T:
-    data = dict(params.get(section) or {})
-    for key, value in explicit.items():
-        if value is not None:
-            data[key] = value
-    cfg = build_config(cls, data, section)
-    try:
-        getattr(cfg, "validate", lambda: None)()
-    except ValueError as exc:
-        raise ConfigError(f"{section}: {exc}") from None
-    return cfg

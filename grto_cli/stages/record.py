@@ -12,10 +12,6 @@ from grto_cli import __version__
 from grto_cli.core.io import hash_path, write_json
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def versions() -> dict:
     import torch
     import transformers
@@ -30,7 +26,7 @@ def write_run_record(path: str | Path, stage: str, config: Any, inputs: dict[str
     record = {
         "stage": stage,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "params": to_dict(config) if dataclasses.is_dataclass(config) else config,
+        "params": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
         "inputs": {name: {"path": str(p), "sha256": hash_path(p)} for name, p in inputs.items() if p and Path(p).exists()},
         "versions": versions(),
     }

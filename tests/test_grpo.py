@@ -62,6 +62,24 @@ def test_zero_std_fraction():
     assert frac == 0.5  # groups [1, 1] and [0.5, 0.5] of four
 
 
+def test_a_group_spread_below_the_minimum_carries_no_advantage():
+    """``min_spread``: a group whose rewards differ by less gets 0 (and counts as flat); a group at
+    or above it keeps its std-scaled advantages; the default (0) leaves near-flat groups as they are."""
+    near = torch.tensor([0.50, 0.52, 0.49, 0.51])  # spread 0.03
+    split = torch.tensor([0.0, 1.0, 0.0, 1.0])  # spread 1
+    rewards = torch.cat([near, split])
+    adv, frac = group_advantages(rewards, 4, min_spread=0.05)
+    assert torch.equal(adv[:4], torch.zeros(4)) and frac == 0.5
+    assert adv[4:].abs().tolist() == pytest.approx([1.0] * 4, abs=1e-3)
+    plain, plain_frac = group_advantages(rewards, 4)
+    assert plain_frac == 0.0 and plain[:4].abs().max() > 0.5  # std scaling blows the jitter up
+    assert torch.equal(plain[4:], adv[4:])
+    at, _ = group_advantages(rewards, 4, min_spread=0.03 - 1e-6)  # just under the spread: kept
+    assert at[:4].abs().max() > 0.5
+    with pytest.raises(ValueError, match="min_spread"):
+        group_advantages(rewards, 4, min_spread=-0.1)
+
+
 def test_dr_grpo_advantages_are_centred_only():
     adv, frac = group_advantages(REWARDS, 3, scale_by_std=False)
     assert adv.tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 2.0, -2.0, 0.0], abs=1e-6)

@@ -456,6 +456,34 @@ def test_one_grpo_step_raises_above_mean_completions_and_lowers_below_mean_ones(
     assert float((advantages * moved).sum()) > 0
 
 
+def test_the_trainer_gives_groups_below_the_minimum_spread_no_advantage(tiny_system, synthetic_data):
+    """``train.min_group_spread`` reaches the advantages the policy update uses, and the share of
+    such groups is logged (``rollout/flat_groups``)."""
+    from grto_cli.core.metrics import ROLLOUT_FLAT_GROUPS
+
+    from grto_cli.core.rewards import RewardWeights
+
+    # Continuous rewards (no format term), so the groups' spreads differ.
+    settings = dict(queries_per_step=4, micro_batch=16, rewards=RewardWeights(format=0.0, box_iou=1.0, point=0.5))
+    rewards = _trainer(tiny_system, synthetic_data, "grpo", **settings).rollouts(0).rewards.total.view(4, -1)
+    spreads = sorted(set((rewards.amax(1) - rewards.amin(1)).tolist()))  # (B,) -> distinct, ascending
+    assert len(spreads) >= 2 and spreads[-1] > 0, spreads
+    threshold = (spreads[-2] + spreads[-1]) / 2  # the widest group keeps its advantages
+    trainer = _trainer(tiny_system, synthetic_data, "grpo", min_group_spread=threshold, **settings)
+    seen = []
+    update = trainer.policy_update
+    trainer.policy_update = lambda batch, adv: (seen.append((batch, adv.clone())), update(batch, adv))[1]
+    metrics = trainer.step()
+    batch, advantages = seen[0]
+    spread = batch.rewards.total.view(4, -1).amax(1) - batch.rewards.total.view(4, -1).amin(1)  # (B,)
+    below = spread < threshold
+    assert 0 < int(below.sum()) < 4
+    advantages = advantages.view(4, -1)
+    assert torch.equal(advantages[below], torch.zeros_like(advantages[below]))
+    assert (advantages[~below].abs().amax(1) > 0.5).all()
+    assert metrics[ROLLOUT_FLAT_GROUPS] == pytest.approx(float(below.float().mean()))
+
+
 def test_one_grto_tool_step_lowers_the_tool_loss_on_its_own_calls(tiny_system, synthetic_data):
     """After one real step the tool's loss on the very calls it trained on is lower (a flipped or
     detached tool loss leaves it level or raises it)."""

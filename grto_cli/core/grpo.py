@@ -22,21 +22,31 @@ AGGREGATION_MODES = ("sequence_mean", "token_mean", "dr_grpo")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-4) -> tuple[torch.Tensor, float]:
+                     eps: float = 1e-4, min_spread: float = 0.0) -> tuple[torch.Tensor, float]:
     """Advantages (N,) from rewards (N,) laid out as contiguous groups of ``group_size``.
 
     ``A_i = (r_i - mean_g) / (std_g + eps)`` with population std, or ``r_i - mean_g`` (Dr.GRPO)
-    when ``scale_by_std`` is False. Returns the advantages and the fraction of groups whose rewards
-    are all equal (those groups carry no learning signal; a high fraction means wasted rollouts).
+    when ``scale_by_std`` is False. A group whose rewards are all equal, or whose spread
+    (max - min) is below ``min_spread``, gets advantage 0: with continuous rewards, std scaling
+    would otherwise give a group that differs by a pixel of jitter the same +-1 weights as a group
+    that splits a right answer from a wrong one. Returns the advantages and the fraction of such
+    groups (they carry no learning signal; a high fraction means wasted rollouts).
+
+    >>> adv, flat = group_advantages(torch.tensor([0.50, 0.51, 0.0, 1.0]), 2, min_spread=0.05)
+    >>> adv.tolist(), flat
+    ([0.0, 0.0, -0.9998000264167786, 0.9998000264167786], 0.5)
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if min_spread < 0:
+        raise ValueError(f"min_spread must be >= 0, got {min_spread}")
     groups = rewards.detach().double().view(-1, group_size)
     # Test equality directly, not std == 0: the float mean of equal values can differ from them by
     # one ulp, which with eps = 0 would turn a no-signal group into advantages of +-1.
-    flat = groups.amax(dim=1) == groups.amin(dim=1)
+    spread = groups.amax(dim=1) - groups.amin(dim=1)  # (groups,)
+    flat = (spread == 0) | (spread < min_spread)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale_by_std:
         std = groups.std(dim=1, unbiased=False, keepdim=True)

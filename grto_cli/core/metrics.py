@@ -36,6 +36,8 @@ ROLLOUT_REWARD_STD = "rollout/reward_std"
 ROLLOUT_FORMAT_RATE = "rollout/format_rate"
 ROLLOUT_IOU = "rollout/iou"
 ROLLOUT_ZERO_STD_GROUPS = "rollout/zero_std_groups"  # fraction of groups with equal rewards (no signal)
+# fraction of groups given no advantage: equal rewards, or a spread below train.min_group_spread
+ROLLOUT_FLAT_GROUPS = "rollout/flat_groups"
 ROLLOUT_COMPLETION_TOKENS = "rollout/completion_tokens"
 LOSS_TOTAL = "loss/total"  # surrogate + beta * KL: what is back-propagated
 LOSS_POLICY = "loss/policy"  # the clipped surrogate alone

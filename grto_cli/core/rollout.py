@@ -19,7 +19,7 @@ from grto_cli.core.answer import ParsedAnswer, ToolCall, parse_answer
 from grto_cli.core.grpo import group_advantages
 from grto_cli.core.metrics import (ROLLOUT_BOX_IOU, ROLLOUT_COMPLETION_TOKENS, ROLLOUT_DISTINCT_CALLS, ROLLOUT_FORMAT_RATE,
                                    ROLLOUT_IOU, ROLLOUT_POINT_IN_TARGET, ROLLOUT_REWARD_MEAN, ROLLOUT_REWARD_STD,
-                                   ROLLOUT_ZERO_STD_GROUPS, distinct_calls)
+                                   ROLLOUT_FLAT_GROUPS, ROLLOUT_ZERO_STD_GROUPS, distinct_calls)
 from grto_cli.core.policy import (LOGPROB_CHUNK, Generating, Policy, completion_logprobs, decode_completions,
                                   encode_prompts, expand_prompts, generate, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
@@ -139,7 +139,8 @@ class PolicyLogprobs(torch.nn.Module):
         return rollout_logprobs(self.model, batch, rows, temperature, suppressed_ids, chunk)  # (n, L)
 
 
-def rollout_statistics(batch: RolloutBatch, gather: Callable[[list], list], scale_by_std: bool) -> dict:
+def rollout_statistics(batch: RolloutBatch, gather: Callable[[list], list], scale_by_std: bool,
+                       min_spread: float = 0.0) -> dict:
     """The step's rollout curves over the whole global batch: ``gather`` brings every process's
     groups, in order (``Processes.gather``; the identity for a lone process)."""
     r = batch.rewards
@@ -148,8 +149,9 @@ def rollout_statistics(batch: RolloutBatch, gather: Callable[[list], list], scal
     total, format_ok, iou, box_iou, point, tokens, calls = zip(*rows)
     total = torch.tensor(total)  # (N,)
     _, zero_std = group_advantages(total, batch.group_size, scale_by_std)
+    _, flat = group_advantages(total, batch.group_size, scale_by_std, min_spread=min_spread)
     return {ROLLOUT_REWARD_MEAN: total.mean().item(), ROLLOUT_REWARD_STD: total.std().item(),
             ROLLOUT_FORMAT_RATE: float(np.mean(format_ok)), ROLLOUT_IOU: float(np.mean(iou)),
-            ROLLOUT_ZERO_STD_GROUPS: zero_std, ROLLOUT_COMPLETION_TOKENS: float(np.mean(tokens)),
+            ROLLOUT_ZERO_STD_GROUPS: zero_std, ROLLOUT_FLAT_GROUPS: flat, ROLLOUT_COMPLETION_TOKENS: float(np.mean(tokens)),
             ROLLOUT_BOX_IOU: float(np.mean(box_iou)), ROLLOUT_POINT_IN_TARGET: float(np.mean(point)),
             ROLLOUT_DISTINCT_CALLS: distinct_calls(calls) / len(calls)}

@@ -70,6 +70,8 @@ class RLConfig:
     clip_high: float | None = None
     loss_mode: str = "token_mean"
     scale_by_std: bool = True
+    # A group whose rewards spread (max - min) less than this gets no advantage (0: only equal ones)
+    min_group_spread: float = 0.0
     max_grad_norm: float = 1.0
     tool_loss: str = "dice_bce"
     tool_weighting: str = "uniform"
@@ -88,6 +90,8 @@ class RLConfig:
             check_positive(name, getattr(self, name))
         check_positive("sampling.group_size", self.sampling.group_size)
         check_positive("sampling.max_new_tokens", self.sampling.max_new_tokens)
+        if self.min_group_spread < 0:
+            raise ValueError(f"min_group_spread must be >= 0, got {self.min_group_spread}")
         if self.sampling.top_p != 1.0:
             raise ValueError("sampling.top_p must be 1.0: training log-probs do not reproduce a top-p filter")
 
@@ -167,8 +171,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.tool.device)
         torch.manual_seed(self.cfg.seed * 1_000_003 + step)  # any other randomness is (seed, step)'s
         batch = self.rollouts(step)  # G completions per query, their calls, masks and rewards
-        advantages, _ = group_advantages(batch.rewards.total, batch.group_size, self.cfg.scale_by_std)  # (n,)
-        metrics = rollout_statistics(batch, self.processes.gather, self.cfg.scale_by_std)
+        advantages, _ = group_advantages(batch.rewards.total, batch.group_size, self.cfg.scale_by_std,
+                                         min_spread=self.cfg.min_group_spread)  # (n,)
+        metrics = rollout_statistics(batch, self.processes.gather, self.cfg.scale_by_std, self.cfg.min_group_spread)
         metrics.update(self.policy_update(batch, advantages))
         metrics.update(self.tool_update(batch, advantages))
         self.state.step += 1

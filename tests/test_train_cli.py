@@ -42,7 +42,7 @@ def test_bootstrap_writes_cache_and_tool(project):
               "--set", "bootstrap.steps=2", "--set", "bootstrap.batch_size=2"], project)
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (project / "rollouts/bootstrap.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(len(row["calls"]) == 4 for row in rows)
+    assert len(rows) == 6 and all(len(row["calls"]) == 4 and len(row["rewards"]) == 4 for row in rows)
     assert (project / "models/bootstrap/tool/sam.pt").is_file()
 
 

@@ -1,5 +1,6 @@
 """`grto bootstrap`: B-GRTO's cheap stage. Sample K rollouts per training query from the frozen
-initial policy once (cached on disk), then train the tool on the cache for N steps."""
+initial policy once (cached on disk, each with its reward under the `train` section's reward
+weights), then train the tool on the cache for N steps."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, train_tool_on_cache
+from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, sample_scenes, train_tool_on_cache
 from grto_cli.core.checkpoint import TOOL_DIR, save_tool, system_paths
 from grto_cli.core.io import atomic_dir, write_jsonl
 from grto_cli.core.metrics import TOOL_LOSS
+from grto_cli.core.rewards import RewardWeights
 from grto_cli.stages.console import console, progress_bar, summary_table
 from grto_cli.stages.params import ConfigError, Params
 from grto_cli.stages.record import write_run_record
@@ -37,6 +39,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
     read = Params(params, overrides)  # read once
     cfg = read.section(BootstrapStageConfig, "bootstrap", **explicit)  # validated
     pol_cfg, tool_cfg = read.section(PolicyParams, "policy"), read.section(ToolParams, "tool")
+    rewards = read.section(RewardWeights, "train.rewards")  # RL's reward weights, one copy of them
     set_threads()
     quiet_transformers()
     processes = join_processes(pol_cfg.device)
@@ -44,16 +47,15 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
 
     torch.manual_seed(cfg.seed)
     manifest = Path(cfg.data) / "train.jsonl"
-    records = training_records(manifest)
-    if cfg.max_queries:
-        records = records[:cfg.max_queries]
+    records = sample_scenes(training_records(manifest), cfg.max_queries, cfg.seed)
     paths = system_paths(cfg.base, cfg.policy, cfg.tool, cfg.tool_arch)
     policy, tool = load_stage_system(paths, pol_cfg, tool_cfg, processes)
 
     rows = []
     started = time.perf_counter()
     with progress_bar(f"sampling {cfg.rollouts_per_query} rollouts/query", len(records)) as advance:
-        for row in collect_rollouts(policy, records, manifest.parent, cfg, cfg.seed, pol_cfg.require_think, processes):
+        for row in collect_rollouts(policy, tool, records, manifest.parent, cfg, cfg.seed, rewards,
+                                    pol_cfg.require_think, processes):
             rows.append(row)
             advance(1)
     if not processes.is_main:
@@ -77,7 +79,8 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
                "sampling_seconds": round(sampling_seconds, 1), "tool_seconds": round(time.perf_counter() - started, 1)}
     with atomic_dir(cfg.out) as tmp:
         save_tool(tool, tmp)
-        write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg)},
+        write_run_record(tmp / "run.json", "bootstrap", {"bootstrap": asdict(cfg), "policy": asdict(pol_cfg),
+                                                         "rewards": asdict(rewards)},
                          {"train_manifest": manifest, "policy": paths.policy, "tool": paths.tool, "cache": cfg.cache},
                          results)
     summary_table("bootstrap", {"queries": len(rows), **results, "out": cfg.out})

@@ -163,8 +163,12 @@ class Params:
 
     def section(self, cls: type[T], section: str, **explicit: Any) -> T:
         """A section as its config type: the file's values, overridden, then explicit CLI options.
-        A config with a ``validate()`` method is checked here, before a stage loads anything."""
-        data = dict(self.data.get(section) or {})
+        A config with a ``validate()`` method is checked here, before a stage loads anything.
+        ``section`` may be dotted (``train.rewards``: a sub-section another stage shares)."""
+        data: Any = self.data
+        for part in section.split("."):
+            data = data.get(part) if isinstance(data, dict) else None
+        data = dict(data or {})
         for key, value in explicit.items():
             if value is not None:
                 data[key] = value

@@ -494,7 +494,7 @@ def study_config():
 def test_study_runs_every_method_and_seed_where_the_report_reads():
     """The study's commands write exactly where `grto report` reads (its StudyConfig paths), and every
     run reads the root params.yaml: the same `train` budget for each method."""
-    from grto_cli.stages.report import bootstrap_dir, run_dir, system_dir
+    from grto_cli.stages.report import bootstrap_dir, last_system_dir, run_dir, system_dir
 
     cfg = study_config()
     root = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -524,12 +524,16 @@ def test_study_runs_every_method_and_seed_where_the_report_reads():
             assert sets["train.base"] == up + root["train"]["base"] in train["deps"]
             # the same RL budget for every method: nothing but method, seed and paths is overridden
             assert set(sets) == {"train.seed", "train.data", "train.base", "train.bootstrap", "train.checkpoints",
-                                 "train.live"}
+                                 "train.live", "train.last_out"}
+            assert sets["train.last_out"] == str(last_system_dir(cfg, method, seed)) in train["outs"]
             for split in cfg.splits:
                 ev = stages[f"evaluate@{method}-{seed}-{split}"]
                 assert _option(ev["cmd"], "--out") == str(run_dir(cfg, method, seed) / split / "metrics.json")
                 assert _option(ev["cmd"], "--checkpoint") == str(system_dir(cfg, method, seed))
                 assert _option(ev["cmd"], "--data") == up + root["prepare"].get("out", "data/prepared/synthetic")
+                last = stages[f"evaluate_last@{method}-{seed}-{split}"]  # the report's (last) rows
+                assert _option(last["cmd"], "--out") == str(run_dir(cfg, method, seed) / "last" / split / "metrics.json")
+                assert _option(last["cmd"], "--checkpoint") == str(last_system_dir(cfg, method, seed)) in last["deps"]
     rep = stages["report"]
     assert {cfg.runs, cfg.models, cfg.base, cfg.data} <= set(rep["deps"]) and {cfg.out, cfg.plots} <= set(rep["outs"])
     assert cfg.base == up + "results/base" and cfg.data == up + root["train"]["data"]

@@ -66,10 +66,14 @@ def make_study(root: Path, skip: tuple[str, int] | None = None) -> dict:
             g = GIOU[method, seed]
             run = root / "results/study" / method / f"s{seed}"
             for split, offset in (("testA", 0.0), ("testB", -2.0)):
-                (run / split).mkdir(parents=True)
-                (run / split / "metrics.json").write_text(json.dumps(
-                    {"giou": g + offset, "ciou": g - 1, "call_box_iou": g / 50, "point_in_target": g / 40,
-                     "prompt_adherence": 0.9, "distinct_calls": 200 + seed}))
+                kinds = {"attribute": {"n": 3, "call_box_iou": g / 100, "point_in_target": 0.5},
+                         "superlative": {"n": 2, "call_box_iou": 0.1 + seed, "point_in_target": 0.25}}
+                for where, lower in ((run / split, 0.0), (run / "last" / split, 1.0)):  # last: 1 gIoU lower
+                    where.mkdir(parents=True)
+                    (where / "metrics.json").write_text(json.dumps(
+                        {"giou": g + offset - lower, "ciou": g - 1, "call_box_iou": g / 50 - lower / 100,
+                         "point_in_target": g / 40, "prompt_adherence": 0.9, "distinct_calls": 200 + seed,
+                         "call_box_area_ratio": 1.1, "by_query_kind": kinds}))
             # val gIoU climbs linearly to the run's test gIoU; reward likewise
             _curve(run / "train/plots/metrics/val/giou.tsv", "giou",
                    [(s, 15.0 + (g - 15.0) * s / STEPS) for s in range(0, STEPS + 1, 10)])
@@ -104,6 +108,30 @@ def test_report_tables_hold_mean_and_std_over_seeds(tmp_path):
     # the ordering is stated, with the gaps
     assert "testA: the ordering **holds**" in text
     assert "b-grto − grto = +5.00" in text
+
+
+def test_report_states_the_policys_gain_over_the_base_and_marks_only_real_gains(tmp_path):
+    """Trained minus base, mean ± std over seeds, bold only where at least 0.03 and more than twice
+    the seed std; the last step's systems get rows of their own; by query kind per split."""
+    cfg = make_study(tmp_path)
+    stage.run(str(tmp_path / "params.yaml"))
+    text = Path(cfg["out"]).read_text()
+    gains = text.split("## Does RL improve the policy over the base?")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in gains.splitlines() if line.startswith("| ")}
+    # testA box IoU: base 0.4; grpo 20/50, 22/50 -> +0.000, +0.040: mean +0.020, std 0.028 (not a gain);
+    # b-grto 30/50, 31/50 -> +0.200, +0.220: +0.210 ± 0.014 (a gain)
+    assert rows["grpo"][0] == "+0.020 ± 0.028"
+    assert rows["b-grto"][0] == "**+0.210 ± 0.014**"
+    assert rows["b-grto (last)"][0] == "**+0.200 ± 0.014**"  # the last systems are 0.01 lower
+    # point in target: base 0.5; grpo 0.5, 0.55 -> +0.025 ± 0.035, not a gain
+    assert rows["grpo"][1] == "+0.025 ± 0.035"
+    testa = text.split("## testA")[1].split("##")[0]
+    assert any(line.startswith("| b-grto (last) | 2 | 29.50 ± 0.71 |") for line in testa.splitlines())
+    assert "box area ratio" in testa
+    kinds = text.split("### testA")[1].split("###")[0]
+    assert "attribute (n=3)" in kinds and "superlative (n=2)" in kinds
+    row = next(line for line in kinds.splitlines() if line.startswith("| grto |"))
+    assert row.split(" | ")[1] == "0.255 / 0.500"  # (24 + 27) / 2 / 100
 
 
 def test_report_counts_the_bootstrap_in_cost_and_in_the_rollout_axis(tmp_path):

@@ -20,7 +20,12 @@ from grto_cli.core.io import atomic_path
 
 # metrics.json key -> column title: what the report tabulates per split (see metrics.py for each).
 REPORT_METRICS = {"giou": "gIoU", "ciou": "cIoU", "call_box_iou": "box IoU", "point_in_target": "point in target",
-                  "prompt_adherence": "prompt adherence", "distinct_calls": "distinct calls"}
+                  "prompt_adherence": "prompt adherence", "distinct_calls": "distinct calls",
+                  "call_box_area_ratio": "box area ratio"}
+# The policy's own grounding, which RL must raise over the base by at least MIN_GAIN in the mean and
+# by more than twice the seed std to count as a gain (README: the study).
+POLICY_METRICS = ("call_box_iou", "point_in_target")
+MIN_GAIN = 0.03
 
 
 @dataclass
@@ -28,7 +33,7 @@ class RunResult:
     """One (method, seed) run of the study, read from its files."""
     method: str
     seed: int
-    metrics: dict[str, dict]  # split -> that split's metrics.json
+    metrics: dict[str, dict]  # split -> that split's metrics.json (the best-on-val system)
     curves: dict[str, Curve]  # metric name -> curve over RL steps
     rollouts_per_step: int  # queries_per_step x group_size
     steps: int  # RL steps the run took
@@ -36,6 +41,28 @@ class RunResult:
     bootstrap_rollouts: int = 0  # generated before RL (b-grto's bootstrap), 0 otherwise
     train_seconds: float | None = None
     bootstrap_seconds: float | None = None
+    last_metrics: dict[str, dict] | None = None  # split -> metrics.json of the last step's system
+
+
+def gain(runs: Sequence[RunResult], base: Mapping[str, dict], split: str, key: str,
+         last: bool = False) -> tuple[float, float]:
+    """Mean and sample std over seeds of (run - base) on one split's metric (the best-on-val
+    system, or the last step's with ``last``); NaN where nothing was measured."""
+    values = []
+    for r in runs:
+        metrics = (r.last_metrics or {}) if last else r.metrics
+        if split in metrics and split in base and metrics[split].get(key) is not None:
+            values.append(float(metrics[split][key]) - float(base[split][key]))
+    return mean_std(values)
+
+
+def is_gain(mean: float, std: float, min_gain: float = MIN_GAIN) -> bool:
+    """A gain: at least ``min_gain`` in the mean and more than twice the seed std.
+
+    >>> is_gain(0.05, 0.01), is_gain(0.05, 0.03), is_gain(0.02, 0.0), is_gain(float("nan"), 0.0)
+    (True, False, False, False)
+    """
+    return not math.isnan(mean) and mean >= min_gain and mean > 2 * std
 
 
 def constant_call(boxes: Sequence[Sequence[float]]) -> ToolCall:

@@ -17,9 +17,9 @@ from grto_cli.core.config import METHODS, check_choice
 from grto_cli.core.data.records import read_manifest
 from grto_cli.core.io import write_text
 from grto_cli.core.metrics import ROLLOUT_REWARD_MEAN, VAL_GIOU, GroundingMeter
-from grto_cli.core.report import (REPORT_METRICS, RunResult, against_rollouts, by_method, constant_call, fmt,
-                                  markdown_table, mean_std, ordering, plot_methods, split_stats,
-                                  steps_to_reach)
+from grto_cli.core.report import (MIN_GAIN, POLICY_METRICS, REPORT_METRICS, RunResult, against_rollouts, by_method,
+                                  constant_call, fmt, gain, is_gain, markdown_table, mean_std, ordering,
+                                  plot_methods, split_stats, steps_to_reach)
 from grto_cli.core.curves import curve_path, read_curve
 from grto_cli.stages.console import console, summary_table
 from grto_cli.stages.params import ConfigError, stage_config
@@ -34,7 +34,8 @@ class StudyConfig:
     splits: list[str] = field(default_factory=lambda: ["testA", "testB"])
     target_val_giou: float = 45.5  # "steps to reach": first val evaluation at or above this gIoU
     # paths relative to the study's folder (pipelines/study), which is its own DVC project
-    runs: str = "results"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json}
+    runs: str = "results"  # <runs>/<method>/s<seed>/{train/, <split>/metrics.json, last/<split>/metrics.json}
+    last: bool = True  # also report the last step's system (<runs>/<method>/s<seed>/last/<split>/metrics.json)
     models: str = "models"  # <models>/<method>/s<seed>/run.json, <models>/bootstrap/s<seed>/run.json
     base: str | None = "../../results/base"  # <base>/<split>/metrics.json: the starting system, for reference
     data: str | None = "../../data/prepared/synthetic"  # for the "same box for every query" baseline
@@ -54,6 +55,11 @@ def system_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
     return Path(cfg.models) / method / f"s{seed}"
 
 
+def last_system_dir(cfg: StudyConfig, method: str, seed: int) -> Path:
+    """Where the run's last-step system goes (``train.last_out``); its metrics under run_dir/last."""
+    return Path(cfg.models) / "last" / method / f"s{seed}"
+
+
 def bootstrap_dir(cfg: StudyConfig, seed: int) -> Path:
     return Path(cfg.models) / "bootstrap" / f"s{seed}"
 
@@ -70,6 +76,8 @@ def read_run(cfg: StudyConfig, method: str, seed: int) -> RunResult:
     metrics = {split: _read_json(rdir / split / "metrics.json", f"{method} seed {seed} on {split}")
                for split in cfg.splits}
     record = _read_json(system_dir(cfg, method, seed) / "run.json", f"{method} seed {seed}'s train record")
+    last = {split: _read_json(rdir / "last" / split / "metrics.json", f"{method} seed {seed}'s last system on {split}")
+            for split in cfg.splits} if cfg.last else None
     rl = record["params"]["train"]["rl"]
     curves = {}
     for name in (VAL_GIOU, ROLLOUT_REWARD_MEAN):
@@ -80,7 +88,7 @@ def read_run(cfg: StudyConfig, method: str, seed: int) -> RunResult:
     result = RunResult(method=method, seed=seed, metrics=metrics, curves=curves,
                        rollouts_per_step=int(rl["queries_per_step"]) * int(rl["sampling"]["group_size"]),
                        steps=int(record["results"]["step"]), best_val_giou=float(record["results"]["best_val_giou"]),
-                       train_seconds=record["results"].get("seconds"))
+                       train_seconds=record["results"].get("seconds"), last_metrics=last)
     if method == "b-grto":
         boot = _read_json(bootstrap_dir(cfg, seed) / "run.json", f"seed {seed}'s bootstrap record")["results"]
         result.bootstrap_rollouts = int(boot["rollouts"])
@@ -121,7 +129,8 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
              f"Every method starts from the same base system and gets the same RL budget: "
              f"{first.steps} steps of {first.rollouts_per_step} rollouts each. Seeds: "
              f"{', '.join(map(str, cfg.seeds))}; each cell is the mean ± sample std over seeds. The system "
-             f"evaluated is each run's best on val (test splits never choose it).", ""]
+             f"evaluated is each run's best on val (test splits never choose it)"
+             + ("; rows marked (last) are the same runs' last step." if cfg.last else "."), ""]
     keys = list(REPORT_METRICS)
     for split in cfg.splits:
         rows = []
@@ -134,7 +143,14 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
         for m in methods:
             rows.append([m, str(len(groups[m]))] + [fmt(*split_stats(groups[m], split, k), digits=_digits(k))
                                                     for k in keys])
+        if cfg.last:
+            for m in methods:
+                last = [RunResult(r.method, r.seed, r.last_metrics or {}, {}, 0, 0, 0.0) for r in groups[m]]
+                rows.append([f"{m} (last)", str(len(last))] + [fmt(*split_stats(last, split, k), digits=_digits(k))
+                                                               for k in keys])
         lines += [f"## {split}", "", markdown_table(["method", "seeds"] + [REPORT_METRICS[k] for k in keys], rows), ""]
+
+    lines += _gains_section(cfg, groups, methods, base) + _kinds_section(cfg, groups, methods, base)
 
     lines += ["## Does B-GRTO > GRTO > GRPO hold?", ""]
     if set(BEST_FIRST) <= set(methods):
@@ -174,6 +190,58 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
     for name in _PLOTS:
         lines.append(f"![{name}](plots/{name}.png)")
     return "\n".join(lines) + "\n"
+
+
+def _gains_section(cfg: StudyConfig, groups: dict[str, list[RunResult]], methods: list[str],
+                   base: dict[str, dict]) -> list[str]:
+    """Per split and method, the policy's gain over the base system: mean ± std over seeds, marked
+    where it is a gain (``is_gain``: at least MIN_GAIN and more than twice the seed std)."""
+    if not all(split in base for split in cfg.splits):
+        return []
+    header = ["method"] + [f"{split} {REPORT_METRICS[k]} − base" for split in cfg.splits for k in POLICY_METRICS]
+    rows = []
+    for last in ((False, True) if cfg.last else (False,)):
+        for m in methods:
+            cells = []
+            for split in cfg.splits:
+                for k in POLICY_METRICS:
+                    mean, std = gain(groups[m], base, split, k, last)
+                    text = "n/a" if np.isnan(mean) else f"{mean:+.3f} ± {std:.3f}"
+                    cells.append(f"**{text}**" if is_gain(mean, std) else text)
+            rows.append([m + (" (last)" if last else "")] + cells)
+    return ["## Does RL improve the policy over the base?", "",
+            f"The policy's own grounding (its calls' box IoU and point in target), trained minus base, mean ± "
+            f"std over seeds; **bold**: a gain (at least {MIN_GAIN:g} and more than twice the seed std).", "",
+            markdown_table(header, rows), ""]
+
+
+def _kinds_section(cfg: StudyConfig, groups: dict[str, list[RunResult]], methods: list[str],
+                   base: dict[str, dict]) -> list[str]:
+    """Per split, box IoU / point in target by query kind (``by_query_kind``), mean over seeds."""
+    lines = ["## By query kind", "", "The policy's box IoU / point in target per kind of query (mean over seeds; "
+             "n: queries of that kind).", ""]
+    for split in cfg.splits:
+        kinds = sorted({kind for rs in groups.values() for r in rs
+                        for kind in r.metrics.get(split, {}).get("by_query_kind", {})})
+        if not kinds:
+            continue
+        counts = next(r.metrics[split]["by_query_kind"] for rs in groups.values() for r in rs)
+        header = ["method"] + [f"{kind} (n={counts.get(kind, {}).get('n', 0)})" for kind in kinds]
+
+        def cell(tables: list[dict], kind: str) -> str:
+            values = [t[kind] for t in tables if kind in t]
+            if not values:
+                return "n/a"
+            return " / ".join(f"{np.mean([v[k] for v in values]):.3f}" for k in POLICY_METRICS)
+
+        rows = []
+        if split in base and "by_query_kind" in base[split]:
+            rows.append(["base (no RL)"] + [cell([base[split]["by_query_kind"]], kind) for kind in kinds])
+        for m in methods:
+            rows.append([m] + [cell([r.metrics[split].get("by_query_kind", {}) for r in groups[m]], kind)
+                               for kind in kinds])
+        lines += [f"### {split}", "", markdown_table(header, rows), ""]
+    return lines if len(lines) > 4 else []
 
 
 def _digits(key: str) -> int:

@@ -40,6 +40,7 @@ class TrainConfig:
     tool: str | None = None  # explicit initial tool file/dir, overrides <base>/tool (grpo, grto)
     tool_arch: str | None = None  # vit_b | vit_l | vit_h for Meta's bare .pth files
     out: str = "models/trained"  # the best-on-val system
+    last_out: str | None = None  # also the last step's system here (the study evaluates both); null: not written
     checkpoints: str = "checkpoints/train"  # <run id>/last (resume) and <run id>/best
     live: str = "results/train"
 
@@ -143,6 +144,10 @@ def run(params: str | None, overrides: list[str] | None = None, fresh: bool = Fa
         write_json(tmp / "train_state.json", asdict(state))
         write_run_record(tmp / "run.json", "train", {"train": asdict(cfg), "policy": asdict(pol_cfg)},
                          inputs, {**asdict(state), "run_id": run_dir.id, "seconds": seconds})
+    if cfg.last_out:
+        with atomic_dir(cfg.last_out) as tmp:
+            copy_system(run_dir.last, tmp)
+            write_json(tmp / "train_state.json", asdict(state))
     summary_table(f"train {cfg.rl.method}", {"run": run_dir.id, "steps": state.step, "resumed_from": state.resumed_from,
                                              "best_step": state.best_step, "best_val_giou": state.best_val_giou,
                                              "out": cfg.out})

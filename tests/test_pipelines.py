@@ -367,7 +367,8 @@ def _code_deps(root: Path, prefix: str = "") -> dict[str, tuple[set[str], set[st
     out = {}
     for name, st in resolved_dvcfile(root).items():
         if st["cmd"].startswith("grto "):
-            declared = {d.removeprefix(prefix) for d in st["deps"] if d.removeprefix(prefix).startswith("grto_cli/")}
+            declared = {d.removeprefix(prefix) for d in st["deps"]
+                        if d.removeprefix(prefix).startswith("grto_cli/") and d.endswith(".py")}
             out[name] = (declared, stage_code(st["cmd"]))
     return out
 

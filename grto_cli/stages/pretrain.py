@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue as queue_module
+import shutil
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 
 from grto_cli.core.data.records import Record, read_manifest
-from grto_cli.core.checkpoint import POLICY_DIR, save_policy, save_tool
+from grto_cli.core.checkpoint import POLICY_DIR, copy_system, save_policy, save_tool
 from grto_cli.core.config import check_choice
 from grto_cli.core.io import atomic_dir
 from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
+from grto_cli.core.shipped import SHIPPED_BASE, mismatches, shipped_record
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
 from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam_arch
 from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
@@ -44,6 +46,9 @@ class PretrainConfig:
     # (with at least 2): on 2 cores neither gains much from a second thread, so side by side the
     # stage takes about as long as the policy's warm-up alone.
     parallel: bool = True
+    # Copy the base shipped with grto (core/shipped.py) when it was built from this very config and
+    # training data, instead of training it again; anything else trains from scratch.
+    shipped: bool = True
 
     def validate(self) -> None:
         check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
@@ -121,11 +126,34 @@ class _ToolWarmup:
         self.process.join()
 
 
+def _use_shipped(cfg: PretrainConfig, pol_cfg: PolicyParams, manifest: Path) -> dict | None:
+    """Copy the shipped base (and its warm-up curves) to ``cfg.out`` / ``cfg.live`` when it is what
+    this config would train; its record's results, or None (and why not, printed) when it is not."""
+    record = shipped_record()
+    why = mismatches(record, asdict(cfg), asdict(pol_cfg), manifest)
+    if why:
+        console.print("[yellow]pretrain: training from scratch; the base shipped with grto was built from "
+                      "another config or data:[/yellow]\n  " + "\n  ".join(why))
+        return None
+    with atomic_dir(cfg.out) as tmp:
+        copy_system(SHIPPED_BASE, tmp)
+        shutil.copy2(SHIPPED_BASE / "run.json", tmp / "run.json")
+    with atomic_dir(cfg.live) as tmp:
+        shutil.copytree(SHIPPED_BASE / "live", tmp, dirs_exist_ok=True)
+    results = dict(record.get("results", {}))
+    summary_table("pretrain (shipped base)", {"out": cfg.out, **results})
+    console.print(f"the base shipped with grto ({SHIPPED_BASE}) is what this config trains: copied to {cfg.out} "
+                  f"(`--set pretrain.shipped=false` trains it again)")
+    return results
+
+
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     read = Params(params, overrides)  # read once
     cfg, pol_cfg = read.section(PretrainConfig, "pretrain", **explicit), read.section(PolicyParams, "policy")
     set_threads()
     manifest = Path(cfg.data) / "train.jsonl"
+    if cfg.shipped and (results := _use_shipped(cfg, pol_cfg, manifest)) is not None:
+        return results
     records, _ = read_manifest(manifest)
     root = manifest.parent
     threads = cpu_threads()

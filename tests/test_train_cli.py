@@ -124,13 +124,17 @@ def test_killed_run_resumes_after_another_configuration_ran(project):
 def test_same_configuration_with_other_output_paths_resumes(project):
     """Where outputs go is not part of what defines a run: a finished run asked for again with
     another --out resumes at its last step (nothing to train) and writes the same system there."""
-    r = _train(project, "--steps", "6", "--out", "other/trained")
+    r = _train(project, "--steps", "6", "--out", "other/trained", "--set", "train.last_out=other/last")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stderr
     state = json.loads((project / "other/trained/train_state.json").read_text())
     assert state["step"] == 6 and state["resumed_from"] == 6
     assert (project / "other/trained/tool/sam.pt").read_bytes() == \
         (project / "models/trained/tool/sam.pt").read_bytes()
+    # train.last_out: the last step's system beside the best-on-val one (the study evaluates both)
+    run = _latest_run(project)
+    for part in ("tool/sam.pt", "policy/model.safetensors"):
+        assert (project / "other/last" / part).read_bytes() == (run / "last" / part).read_bytes()
 
 
 def test_fresh_moves_the_old_run_aside(project):

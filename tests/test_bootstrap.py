@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import pytest
 
 from grto_cli.core.bootstrap import BootstrapConfig, collect_rollouts, sample_scenes, train_tool_on_cache
 from grto_cli.core.checkpoint import load_system, system_paths
@@ -29,17 +29,21 @@ def test_sample_scenes_takes_whole_scenes_drawn_by_seed(tmp_path):
     assert [r.id for r in sample_scenes(records, None, 0)] == [r.id for r in records]
 
 
-def _cache(tiny_system, synthetic_data, rewards=RewardWeights(box_iou=1.0, point=0.5)):
+WEIGHTS = RewardWeights(format=0.5, format_penalty=0.7, iou=1.0, box_iou=1.0, point=0.5)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_system, synthetic_data):
+    """Six queries' cached rollouts (K=4) from the fixture system, sampled once for this module."""
     policy, tool = load_system(system_paths(tiny_system), TEMPLATE)
     records, _ = read_manifest(synthetic_data / "train.jsonl")
     cfg = BootstrapConfig(rollouts_per_query=4, generation_batch=3, max_new_tokens=32, steps=3, batch_size=2, lr=1e-3)
-    rows = list(collect_rollouts(policy, tool, records[:6], synthetic_data, cfg, 0, rewards))
+    rows = list(collect_rollouts(policy, tool, records[:6], synthetic_data, cfg, 0, WEIGHTS))
     return tool, records, cfg, rows
 
 
-def test_each_cached_rollout_carries_its_reward(tiny_system, synthetic_data):
-    weights = RewardWeights(format=0.5, format_penalty=0.7, iou=1.0, box_iou=1.0, point=0.5)
-    _, _, _, rows = _cache(tiny_system, synthetic_data, weights)
+def test_each_cached_rollout_carries_its_reward(cache):
+    _, _, _, rows = cache
     rewards = [(call, r) for row in rows for call, r in zip(row["calls"], row["rewards"])]
     assert len(rewards) == 24
     assert any(c is None for c, _ in rewards) and any(c is not None for c, _ in rewards)
@@ -51,11 +55,11 @@ def test_each_cached_rollout_carries_its_reward(tiny_system, synthetic_data):
     assert any(r > 0.5 for c, r in rewards if c is not None), "no parsable call earned a term beyond format"
 
 
-def test_tool_steps_weight_rollouts_as_rl_does_and_clip_the_gradient(tiny_system, synthetic_data):
+def test_tool_steps_weight_rollouts_as_rl_does_and_clip_the_gradient(cache, synthetic_data):
     """Positive weighting: groups with no above-mean rollout train nothing, so a cache of flat
     groups leaves the tool as it is while uniform weighting moves it; a clipped gradient under
     Adam moves it only as far as eps lets a vanishing gradient."""
-    tool, records, cfg, rows = _cache(tiny_system, synthetic_data)
+    tool, records, cfg, rows = cache
     before = {k: v.clone() for k, v in tool.sam.state_dict().items()}
 
     def moved(**changes):

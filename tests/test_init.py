@@ -51,7 +51,7 @@ def test_init_writes_a_project_dvc_reads(tmp_path, setting):
 def test_init_again_keeps_your_files_and_refreshes_the_install_record(tmp_path):
     _init(str(tmp_path))
     params = tmp_path / "params.yaml"
-    params.write_text(params.read_text().replace("steps: 200", "steps: 7"))
+    params.write_text(params.read_text().replace("sft: {steps: 5000", "sft: {steps: 7"))
     (tmp_path / INSTALL_FILE).write_text(f"{PACKAGE_VAR}: /moved/away\n")
     result = _init(str(tmp_path))
     assert "steps: 7" in params.read_text() and "yours" in result.output

@@ -101,7 +101,9 @@ def collect_rollouts(policy: Policy, tool: SamTool, records: Sequence[Record], r
         keys = [rollout_key(seed, start + i) for i in range(len(chunk))]
         _, _, _, texts, parsed = sample_completions(policy, images, [r.query for r in chunk], sampling, keys,
                                                     require_think)
-        embeddings = tool.embed(images, [str(r.image_path(root)) for r in chunk])  # (B, C, h, w)
+        # Not cached: a process scores only its share of the batches, and the tool steps must encode
+        # the same images in the same batches whatever the number of processes.
+        embeddings = tool.embed(images)  # (B, C, h, w)
         targets = [torch.as_tensor(r.decode_mask(), device=tool.device) for r in chunk]
         scored = score_groups(tool, embeddings, chunk, images, targets, parsed, K, rewards).total.tolist()  # (B*K,)
         rows = []

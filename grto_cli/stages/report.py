@@ -225,7 +225,8 @@ def _kinds_section(cfg: StudyConfig, groups: dict[str, list[RunResult]], methods
                         for kind in r.metrics.get(split, {}).get("by_query_kind", {})})
         if not kinds:
             continue
-        counts = next(r.metrics[split]["by_query_kind"] for rs in groups.values() for r in rs)
+        counts = next(r.metrics[split]["by_query_kind"] for rs in groups.values() for r in rs
+                      if "by_query_kind" in r.metrics.get(split, {}))
         header = ["method"] + [f"{kind} (n={counts.get(kind, {}).get('n', 0)})" for kind in kinds]
 
         def cell(tables: list[dict], kind: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from grto_cli.core.answer import ToolCall
-from grto_cli.core.config import check_choice
+from grto_cli.core.config import check_choice, check_positive
 from grto_cli.core.data.images import load_rgb
 from grto_cli.core.data.records import Record
 from grto_cli.core.distributed import Processes
@@ -51,8 +51,7 @@ class BootstrapConfig:
         check_choice("loss", self.loss, SEG_LOSSES)
         check_choice("tool_weighting", self.tool_weighting, TOOL_WEIGHTINGS)
         for name in ("rollouts_per_query", "generation_batch", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         if self.max_queries is not None and self.max_queries < 1:
             raise ValueError(f"max_queries must be at least 1 or null (the whole split), got {self.max_queries}")
 

@@ -8,7 +8,7 @@ wall time count toward the method's cost). Writes a Markdown report and PNG char
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,7 @@ def render(cfg: StudyConfig, runs: list[RunResult], base: dict[str, dict],
                                                     for k in keys])
         if cfg.last:
             for m in methods:
-                last = [RunResult(r.method, r.seed, r.last_metrics or {}, {}, 0, 0, 0.0) for r in groups[m]]
+                last = [replace(r, metrics=r.last_metrics or {}) for r in groups[m]]
                 rows.append([f"{m} (last)", str(len(last))] + [fmt(*split_stats(last, split, k), digits=_digits(k))
                                                                for k in keys])
         lines += [f"## {split}", "", markdown_table(["method", "seeds"] + [REPORT_METRICS[k] for k in keys], rows), ""]

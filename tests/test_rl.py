@@ -550,3 +550,60 @@ def test_counts_below_one_are_refused_by_name(where, field, value):
     cfg = {"rl": RLConfig, "schedule": Schedule, "memory": MemoryParams}[where](**{field: value})
     with pytest.raises(ValueError, match=f"{field} must be at least 1, got {value}"):
         cfg.validate()
+
+
+def test_rollouts_run_lora_adapters_in_the_models_bf16_and_train_them_in_float32(tiny_system, synthetic_data):
+    """A bf16 policy with float32 LoRA adapters (the real templates'): generation runs the adapters
+    in bf16 (no up-cast per projection per token), the training pass in float32, and the float32
+    masters come back bit for bit. The sampler's log-probs (bf16 adapters) and the training pass's
+    (float32 adapters) agree to bf16 precision."""
+    from grto_cli.core.policy import adapters_in_compute_dtype, completion_mask, expand_prompts, sampling_config
+    from grto_cli.core.sampling import GumbelSampler, row_keys
+    from transformers import LogitsProcessorList
+
+    policy, tool = load_system(system_paths(tiny_system), TEMPLATE, dtype="bfloat16")
+    train, _ = read_manifest(synthetic_data / "train.jsonl")
+    trainer = Trainer(RLConfig(method="grpo", queries_per_step=2, lora=LoraParams(r=4, alpha=8, dropout=0.0),
+                               sampling=SamplingParams(group_size=4, temperature=0.7, max_new_tokens=16)),
+                      policy, tool, train, [], synthetic_data)
+    model = trainer.policy.model
+    adapters = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():  # LoRA's B starts at 0: give the adapters a say in the logits
+        for n, p in adapters:
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.3)
+    masters = {n: (p, p.detach().clone()) for n, p in adapters}
+    assert all(p.dtype == torch.float32 for _, p in adapters)
+    seen: list[torch.dtype] = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    hook = lora_a.register_forward_pre_hook(lambda mod, args: seen.append((mod.weight.dtype, args[0].dtype)))
+    batch = trainer.rollouts(0)  # sample_completions -> policy.generate, the trainer's own path
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
+    seen.clear()
+    with torch.no_grad():
+        trainer.logprobs(trainer.engine.policy_pass, batch, slice(0, 4))  # the training pass
+    assert seen and set(seen) == {(torch.float32, torch.float32)}, set(seen)
+    hook.remove()
+    for n, (p, before) in masters.items():  # the same parameters, the same float32 bits
+        assert dict(model.named_parameters())[n] is p and p.dtype == torch.float32 and torch.equal(p, before), n
+
+    # The scores the sampler drew from (bf16 adapters), against the training pass (float32 adapters).
+    prompts = batch.prompts
+    keys = row_keys([0, 1], 4)
+    cfg = sampling_config(trainer.policy, 16)
+    cfg.output_scores, cfg.return_dict_in_generate = True, True
+    sampler = GumbelSampler(keys, 0.7, prompts["input_ids"].shape[1])
+    rows = torch.arange(2).repeat_interleave(4)
+    model.eval()
+    with torch.no_grad(), adapters_in_compute_dtype(model) as cast:
+        out = model.generate(**expand_prompts(model, prompts, rows), generation_config=cfg,
+                             logits_processor=LogitsProcessorList([sampler]))
+    assert cast == len(adapters)
+    completion = out.sequences[:, prompts["input_ids"].shape[1]:]
+    mask = completion_mask(completion, trainer.policy.eos_token_id)
+    drawn = torch.stack([torch.log_softmax(s.float() - sampler.noise(t, s.shape[-1], s.device), -1)
+                         for t, s in enumerate(out.scores)], 1).gather(-1, completion[..., None]).squeeze(-1) * mask
+    with torch.no_grad():
+        trained = completion_logprobs(model, prompts, completion, mask, 0.7, trainer.policy.suppressed_ids, rows=rows)
+    diff = (trained - drawn).abs()[mask.bool()]
+    assert diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())  # bf16: 8 bits of mantissa

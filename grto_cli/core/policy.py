@@ -251,15 +251,50 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
 Generating = Callable[[], ContextManager[dict]]  # engines.base.Engine.generating
 
 
+@contextlib.contextmanager
+def adapters_in_compute_dtype(model: torch.nn.Module):
+    """LoRA adapters in their base layers' dtype for the duration (generation), their float32
+    master weights put back after, untouched.
+
+    peft keeps adapters in float32 over a bf16 model (``autocast_adapter_dtype``), so every adapted
+    projection of every decoding step casts its bf16 input up and its output back (thousands of
+    copies per token at 7B). Rollouts are no-grad, so they can run the adapters in bf16, as TRL and
+    veRL run a bf16 copy of the weights in their generation engines; the training passes keep the
+    float32 adapters. Sharded adapters (FSDP2 DTensors, ZeRO-3 partitions) are left as they are:
+    their gathered copies belong to the engine. A no-op when base and adapters share a dtype."""
+    swapped = []
+    for module in model.modules():
+        names, get_base = getattr(module, "adapter_layer_names", None), getattr(module, "get_base_layer", None)
+        weight = getattr(get_base(), "weight", None) if names and callable(get_base) else None
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            continue
+        for name in names:
+            container = getattr(module, name, None)
+            for param in container.parameters() if isinstance(container, torch.nn.Module) else ():
+                if param.dtype != weight.dtype and param.is_floating_point():
+                    swapped.append((param, weight.dtype))
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p, _ in swapped):
+        swapped = []
+    masters = [param.data for param, _ in swapped]
+    try:
+        for param, dtype in swapped:
+            param.data = param.data.to(dtype)
+        yield len(swapped)
+    finally:
+        for (param, _), master in zip(swapped, masters):
+            param.data = master
+
+
 @torch.no_grad()
 def generate(policy: Policy, batch: dict, config: GenerationConfig, sampler: LogitsProcessor | None = None,
              generating: Generating | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions for an already-expanded prompt batch: (completion_ids, completion_mask); greedy,
     or sampled when ``sampler`` (a ``sampling.GumbelSampler``) noises the scores. ``generating``:
     the training engine's context around ``generate`` (a sharded policy's weights gathered, and
-    ``synced_gpus`` so that every process steps until every process's rows have ended)."""
+    ``synced_gpus`` so that every process steps until every process's rows have ended). LoRA
+    adapters run in the model's compute dtype (``adapters_in_compute_dtype``)."""
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
-    with (generating or contextlib.nullcontext)() as engine_kwargs:
+    with (generating or contextlib.nullcontext)() as engine_kwargs, adapters_in_compute_dtype(policy.model):
         out = policy.model.generate(**batch, generation_config=config, **extra, **(engine_kwargs or {}))
     completion = out[:, batch["input_ids"].shape[1]:]
     mask = completion_mask(completion, policy.eos_token_id)

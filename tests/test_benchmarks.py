@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_SIZE_STEP = ROOT / "benchmarks" / "real_size_step.py"
 REAL_PIPELINE_STEP = ROOT / "benchmarks" / "real_pipeline_step.py"
 GENERATION_PROFILE = ROOT / "benchmarks" / "generation_profile.py"
+VS_TRL = ROOT / "benchmarks" / "vs_trl.py"
 PARTS = ("generation", "sam_encode", "sam_decode", "reference", "policy_forward", "policy_backward",
          "policy_optimizer", "tool_step")
 
@@ -94,3 +95,29 @@ def test_generation_profile_smoke() -> None:
     result = _result(_run("--smoke", timeout=300, script=GENERATION_PROFILE))
     assert set(result["ms_per_token"]) == {"greedy", "gumbel", "lora", "lora_ckpt"}
     assert all(isinstance(v, float) for v in result["ms_per_token"].values()) and result["rows"] == 32
+
+
+def test_vs_trl_smoke() -> None:
+    """grto train and TRL's GRPOTrainer, each in its own process, on the tiny embedded default."""
+    pytest.importorskip("trl")
+    result = _result(_run("--smoke", "--threads", "1", timeout=600, script=VS_TRL))
+    assert result["benchmark"] == "vs_trl" and result["smoke"] is True and result["device"] == "cpu"
+    assert result["queries"] == 2 and result["group_size"] == 2 and result["rollouts_per_step"] == 4
+    assert result["max_completion_tokens"] == 8 and result["steps"] == 1 and result["threads"] == 1
+    for name in ("grto", "trl"):
+        side = result[name]
+        assert len(side["step_seconds"]) == 1 and side["seconds_per_step"] > 0, side
+        assert side["rollouts_per_second"] > 0 and side["peak_rss_mib"] >= side["setup_rss_mib"] > 0, side
+        assert 0 < side["completion_tokens_mean"] <= 8 and side["torch_threads"] == 1, side
+    assert result["grto"]["trainable_params"] == result["trl"]["trainable_params"] > 0  # the same weights train
+    assert result["trl"]["prompt_ids_match_grto"] is True  # the same prompt tokens
+    assert result["trl"]["trl_version"]  # the extra pins 1.16.0
+    grto, trl = result["grto"]["seconds_per_rollout"], result["trl"]["seconds_per_rollout"]
+    assert result["ratio"] == pytest.approx(trl / grto, rel=0.01)
+
+
+def test_sampler_cost_smoke() -> None:
+    result = _result(_run("--smoke", timeout=300, script=ROOT / "benchmarks" / "sampler_cost.py"))
+    assert result["benchmark"] == "sampler_cost" and len(result["results"]) == 1
+    row = result["results"][0]
+    assert row["rows"] == 4 and row["vocab"] == 1200 and row["generator_ms"] > 0 and row["counter_ms"] > 0

@@ -9,6 +9,11 @@
 # Measured on an H200 on 2026-11-26 (docs/pipelines.md, "Measured on one GPU"): bench_7b_lora took
 # ~2 min, bench_3b_full_cold ~1 min, profile_7b ~1 min; pipeline_7b needed more than 330 s (its slot is now 540 s: run it in a call of its own).
 #
+#   decode_7b      generation_profile.py 7B, batch 32, 512 tokens after a 512-token warm-up: ms per decoding
+#                  step before and after each speed change (the sampler, bf16 adapters, a static KV cache
+#                  with compiled decoding); issue target <= 30 ms with LoRA (131 ms on 2026-11-26)
+#   vs_trl_3b      vs_trl.py --size 3b: TRL's GRPOTrainer against grto train, random-init Qwen2.5-VL-3B,
+#                  LoRA, 512-token completions (needs trl and its datasets / pyarrow wheels in .whl/)
 #   bench_7b_lora  real_size_step.py 7B LoRA (B=4, G=8, 512-token completions, 400 visual tokens)
 #   pipeline_7b    real_pipeline_step.py: the ReasonSeg template's train stage, 7B + SAM ViT-H random
 #                  init, one step, launched by `accelerate launch --config_file .../one_gpu.yaml`
@@ -23,6 +28,10 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     transformers==5.24.0 peft==0.21.2 segment-anything==1.0 pycocotools==2.0.11 pysodmetrics==1.6.2 \
 #     dvclive==3.49.1 dvc==3.67.1 dvc-render dvc-studio-client funcy flatten-dict ruamel.yaml voluptuous wcwidth regex
+#   (+ for vs_trl_3b: trl==1.16.0 datasets pyarrow dill multiprocess xxhash fsspec, and pandas if the
+#   machine lacks it; pyarrow alone is ~40 MB of the 64 MiB a call can carry: a call of its own)
+# One device call runs at most 10 minutes: pass the items of each call explicitly, e.g.
+#   bash benchmarks/gpu_checks.sh decode_7b bench_7b_lora      # then: vs_trl_3b; then: pipeline_7b
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -53,6 +62,17 @@ run_item() {
     bench_3b_full) bench bench_3b_full 130 --size 3b --mode full ;;
     bench_7b_full) bench bench_7b_full 200 --size 7b --mode full ;;
     bench_3b_full_cold) bench bench_3b_full_cold 110 --size 3b --mode full --warmup 0 ;;
+    decode_7b)
+      echo "== decode_7b ($(date +%T))"
+      timeout 420 python3 benchmarks/generation_profile.py --size 7b --tokens 512 --warmup-tokens 512 \
+        --profile-tokens 0 --variants gumbel_generator,gumbel,lora_fp32,lora,lora_static >"$OUT/decode_7b.log" 2>&1
+      echo "exit $?" >>"$OUT/decode_7b.log"
+      grep -E "ms/token|^exit|^\{" "$OUT/decode_7b.log" ;;
+    vs_trl_3b)
+      echo "== vs_trl_3b ($(date +%T))"
+      timeout 420 python3 benchmarks/vs_trl.py --size 3b --completion-tokens 512 --steps 2 >"$OUT/vs_trl_3b.log" 2>&1
+      echo "exit $?" >>"$OUT/vs_trl_3b.log"
+      tail -n 8 "$OUT/vs_trl_3b.log" ;;
     profile_7b)
       echo "== profile_7b ($(date +%T))"
       timeout 120 python3 benchmarks/generation_profile.py --size 7b >"$OUT/profile_7b.log" 2>&1
@@ -80,6 +100,6 @@ run_item() {
 }
 
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(bench_7b_lora pipeline_7b pytest_gpu bench_3b_lora bench_3b_full bench_7b_full)
+[ ${#items[@]} -eq 0 ] && items=(decode_7b bench_7b_lora vs_trl_3b pipeline_7b bench_3b_lora bench_7b_full pytest_gpu)
 for item in "${items[@]}"; do run_item "$item"; done
 echo "== done ($(date +%T))"

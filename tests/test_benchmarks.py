@@ -93,7 +93,8 @@ def test_real_pipeline_step_smoke(tmp_path) -> None:
 
 def test_generation_profile_smoke() -> None:
     result = _result(_run("--smoke", timeout=300, script=GENERATION_PROFILE))
-    assert set(result["ms_per_token"]) == {"greedy", "gumbel", "lora", "lora_ckpt"}
+    assert set(result["ms_per_token"]) == {"greedy", "gumbel_generator", "gumbel", "lora_fp32", "lora", "lora_ckpt",
+                                           "lora_static"}
     assert all(isinstance(v, float) for v in result["ms_per_token"].values()) and result["rows"] == 32
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE, prompt_parts
+from grto_cli.core.config import GENERATION_CACHES
 
 # How each model family writes coordinates (see answer.COORD_CONVENTIONS): absolute pixels of the
 # image the processor resized (Qwen2.5-VL), or 0..1000 relative to the image (Qwen2-VL, Qwen3-VL).
@@ -37,6 +38,7 @@ class Policy:
     coord_convention: str
     prompt_template: str
     suppressed_ids: tuple[int, ...] = ()  # never sampled (MULTIMODAL_TOKEN_KEYS of the model's config)
+    generation_cache: str = "dynamic"  # a GENERATION_CACHES key: the KV cache ``generate`` decodes with
 
     @property
     def tokenizer(self):
@@ -229,10 +231,12 @@ def expand_prompts(model: torch.nn.Module, prompts: dict, rows: torch.Tensor) ->
 def sampling_config(policy: Policy, max_new_tokens: int) -> GenerationConfig:
     """The generation config of every ``generate`` call: greedy decoding built from scratch, so no
     checkpoint default (top_k, a repetition penalty) changes the distribution that training
-    log-probs assume. Sampling is greedy decoding of noised scores (``sampling.GumbelSampler``)."""
+    log-probs assume. Sampling is greedy decoding of noised scores (``sampling.GumbelSampler``).
+    The KV cache is the policy's ``generation_cache`` (``GENERATION_CACHES``)."""
     return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=policy.eos_token_id,
                             pad_token_id=policy.pad_token_id, repetition_penalty=1.0,
-                            suppress_tokens=list(policy.suppressed_ids) or None)
+                            suppress_tokens=list(policy.suppressed_ids) or None,
+                            cache_implementation=GENERATION_CACHES[policy.generation_cache])
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from grto_cli.core.answer import COORD_CONVENTIONS, DEFAULT_TEMPLATE, check_template
-from grto_cli.core.config import check_choice
+from grto_cli.core.config import GENERATION_CACHES, check_choice
 from grto_cli.core.data.records import Record, read_manifest
 from grto_cli.core.tool import DEFAULT_CACHE_BYTES, DEFAULT_ENCODE_BATCH
 from grto_cli.stages.console import console
@@ -30,6 +30,10 @@ class PolicyParams:
     # pixels); null keeps the checkpoint's processor config (Qwen2.5-VL: up to ~16k tokens).
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # The KV cache rollouts, val and evaluate generate with (policy.GENERATION_CACHES): dynamic, or
+    # static (preallocated; on CUDA transformers compiles the decoding step). Same completions on
+    # the CPU (tested); the static cache's speed is not yet measured on a GPU (docs/pipelines.md).
+    generation_cache: str = "dynamic"
 
     def validate(self) -> None:
         try:
@@ -38,6 +42,7 @@ class PolicyParams:
             raise ConfigError(f"policy.prompt_template: {exc}") from None
         check_choice("coord_convention", self.coord_convention, (None, *COORD_CONVENTIONS))
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("generation_cache", self.generation_cache, tuple(GENERATION_CACHES))
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ConfigError(f"policy.min_pixels ({self.min_pixels}) > policy.max_pixels ({self.max_pixels})")
 

@@ -18,7 +18,10 @@ def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams,
     device = process_device(pol.device, processes or Processes())
     cache = EmbeddingCache(max_bytes=tool.cache_bytes, disk_dir=tool.cache_dir)
     try:
-        return load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device), pol.trust_remote_code,
-                           pol.coord_convention, cache, tool.encode_batch, pol.min_pixels, pol.max_pixels)
+        policy, sam = load_system(paths, pol.prompt_template, device, pick_dtype(pol.dtype, device),
+                                  pol.trust_remote_code, pol.coord_convention, cache, tool.encode_batch,
+                                  pol.min_pixels, pol.max_pixels)
     except ValueError as exc:  # e.g. an unknown model family without policy.coord_convention
         raise ConfigError(str(exc)) from None
+    policy.generation_cache = pol.generation_cache
+    return policy, sam

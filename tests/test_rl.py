@@ -564,7 +564,7 @@ def test_rollouts_run_lora_adapters_in_the_models_bf16_and_train_them_in_float32
     policy, tool = load_system(system_paths(tiny_system), TEMPLATE, dtype="bfloat16")
     train, _ = read_manifest(synthetic_data / "train.jsonl")
     trainer = Trainer(RLConfig(method="grpo", queries_per_step=2, lora=LoraParams(r=4, alpha=8, dropout=0.0),
-                               sampling=SamplingParams(group_size=4, temperature=0.7, max_new_tokens=16)),
+                               sampling=SamplingParams(group_size=2, temperature=0.7, max_new_tokens=12)),
                       policy, tool, train, [], synthetic_data)
     model = trainer.policy.model
     adapters = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
@@ -581,7 +581,7 @@ def test_rollouts_run_lora_adapters_in_the_models_bf16_and_train_them_in_float32
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
     seen.clear()
     with torch.no_grad():
-        trainer.logprobs(trainer.engine.policy_pass, batch, slice(0, 4))  # the training pass
+        trainer.logprobs(trainer.engine.policy_pass, batch, slice(0, 2))  # the training pass
     assert seen and set(seen) == {(torch.float32, torch.float32)}, set(seen)
     hook.remove()
     for n, (p, before) in masters.items():  # the same parameters, the same float32 bits
@@ -589,11 +589,11 @@ def test_rollouts_run_lora_adapters_in_the_models_bf16_and_train_them_in_float32
 
     # The scores the sampler drew from (bf16 adapters), against the training pass (float32 adapters).
     prompts = batch.prompts
-    keys = row_keys([0, 1], 4)
-    cfg = sampling_config(trainer.policy, 16)
+    keys = row_keys([0, 1], 2)
+    cfg = sampling_config(trainer.policy, 12)
     cfg.output_scores, cfg.return_dict_in_generate = True, True
     sampler = GumbelSampler(keys, 0.7, prompts["input_ids"].shape[1])
-    rows = torch.arange(2).repeat_interleave(4)
+    rows = torch.arange(2).repeat_interleave(2)
     model.eval()
     with torch.no_grad(), adapters_in_compute_dtype(model) as cast:
         out = model.generate(**expand_prompts(model, prompts, rows), generation_config=cfg,

@@ -157,7 +157,9 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_system, sy
     reference = trainer.reference_logprobs(batch)
     current = trainer._logprobs_no_grad(trainer.engine.policy_pass, batch)
     assert not torch.allclose(current, expected, atol=1e-3), "the adapters should have moved the policy"
-    assert torch.allclose(reference, expected, atol=1e-5)
+    # Float rounding only: the reference runs in micro-batches of 3 rows, `expected` in one batch
+    # (other GEMM shapes; 4e-5 seen on a log-prob of -3.07), the moved policy is > 1e-3 away.
+    assert torch.allclose(reference, expected, atol=1e-4)
 
 
 def test_pad_equal_to_eos_through_the_trainer(tiny_system, synthetic_data):

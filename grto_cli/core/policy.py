@@ -267,7 +267,7 @@ def adapters_in_compute_dtype(model: torch.nn.Module):
     float32 adapters. Sharded adapters (FSDP2 DTensors, ZeRO-3 partitions) are left as they are:
     their gathered copies belong to the engine. A no-op when base and adapters share a dtype."""
     swapped = []
-    for module in model.modules():
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
         names, get_base = getattr(module, "adapter_layer_names", None), getattr(module, "get_base_layer", None)
         weight = getattr(get_base(), "weight", None) if names and callable(get_base) else None
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():

@@ -30,7 +30,7 @@ from grto_cli.core.policy import Policy
 from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import SamplingParams, sample_completions, score_groups
 from grto_cli.core.sampling import rollout_key
-from grto_cli.core.tool import SEG_LOSSES, SamTool
+from grto_cli.core.tool import SEG_LOSSES, Tool
 
 
 @dataclass
@@ -83,7 +83,7 @@ def sample_scenes(records: Sequence[Record], max_queries: int | None, seed: int)
     return chosen
 
 
-def collect_rollouts(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, cfg: BootstrapConfig,
+def collect_rollouts(policy: Policy, tool: Tool, records: Sequence[Record], root: Path, cfg: BootstrapConfig,
                      seed: int, rewards: RewardWeights, require_think: bool = False,
                      processes: Processes | None = None) -> Iterator[dict]:
     """Sample K answers per query from the frozen policy and score them with the initial tool.
@@ -116,7 +116,7 @@ def collect_rollouts(policy: Policy, tool: SamTool, records: Sequence[Record], r
     yield from (processes or Processes()).in_batches(records, cfg.generation_batch, batch)
 
 
-def train_tool_on_cache(tool: SamTool, cache: list[dict], records: dict[str, Record], root: Path,
+def train_tool_on_cache(tool: Tool, cache: list[dict], records: dict[str, Record], root: Path,
                         cfg: BootstrapConfig, seed: int,
                         on_step: Callable[[int, dict], None] | None = None) -> dict:
     """N tool steps on cached rollouts: the tool learns the initial policy's prompt distribution.
@@ -139,7 +139,7 @@ def train_tool_on_cache(tool: SamTool, cache: list[dict], records: dict[str, Rec
         rows = [usable[int(i)] for i in rng.integers(len(usable), size=cfg.batch_size)]
         recs = [records[row["id"]] for row in rows]
         images = [load_rgb(r.image_path(root)) for r in recs]
-        embeddings = tool.embed(images, [str(r.image_path(root)) for r in recs])  # (B, C, h, w)
+        embeddings = tool.embed(images, [str(r.image_path(root)) for r in recs])  # B images
         for r in recs:
             if r.id not in targets:
                 targets[r.id] = torch.as_tensor(r.decode_mask(), device=tool.device)

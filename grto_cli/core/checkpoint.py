@@ -3,7 +3,8 @@
 A system, as every stage writes and reads it::
 
     <system>/policy/   a `save_pretrained` directory: model (or LoRA adapter) + processor
-    <system>/tool/     sam.pt (segment-anything state dict) + sam.yaml (architecture)
+    <system>/tool/     the tool's directory (``Tool.save``; its kind: ``tool_kinds.py``): for SAM,
+                       sam.pt (segment-anything state dict) + sam.yaml (architecture)
 
 A training run's checkpoints, one directory per run (its id is a short hash of what defines it:
 the algorithm config and the content hashes of its inputs), so runs of other configurations are
@@ -32,7 +33,8 @@ import torch
 
 from grto_cli.core.io import atomic_dir, hash_path, recover_dir, write_json, write_text
 from grto_cli.core.policy import Policy, load_policy
-from grto_cli.core.tool import DEFAULT_ENCODE_BATCH, EmbeddingCache, SamTool, load_sam, save_sam
+from grto_cli.core.tool import DEFAULT_ENCODE_BATCH, EmbeddingCache, Tool
+from grto_cli.core.tool_kinds import load_tool
 
 POLICY_DIR = "policy"
 TOOL_DIR = "tool"
@@ -45,7 +47,7 @@ LAST, BEST, LATEST, RUN_FILE = "last", "best", "latest", "run.json"
 @dataclass
 class SystemPaths:
     policy: str  # directory or hub id
-    tool: str  # directory with sam.pt + sam.yaml, or Meta's .pth file
+    tool: str  # a tool directory of any kind (tool_kinds.py), or Meta's SAM .pth file
     tool_arch: str | dict | None = None
 
 
@@ -65,14 +67,12 @@ def system_paths(system: str | Path | None, policy: str | None = None, tool: str
 def load_system(paths: SystemPaths, prompt_template: str, device: str = "cpu", dtype: str = "float32",
                 trust_remote_code: bool = False, coord_convention: str | None = None,
                 embedding_cache: EmbeddingCache | None = None, encode_batch: int = DEFAULT_ENCODE_BATCH,
-                min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[Policy, SamTool]:
+                min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[Policy, Tool]:
     policy = load_policy(paths.policy, prompt_template=prompt_template, device=device, dtype=dtype,
                          trust_remote_code=trust_remote_code, coord_convention=coord_convention,
                          min_pixels=min_pixels, max_pixels=max_pixels)
     policy.model.eval()
-    sam, arch = load_sam(paths.tool, paths.tool_arch)
-    sam.to(device)
-    return policy, SamTool(sam, arch, embedding_cache, encode_batch)
+    return policy, load_tool(paths.tool, paths.tool_arch, device, embedding_cache, encode_batch)
 
 
 def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False,
@@ -88,11 +88,11 @@ def save_policy(policy: Policy, system: str | Path, merge_lora: bool = False,
     policy.processor.save_pretrained(Path(system) / POLICY_DIR)
 
 
-def save_tool(tool: SamTool, system: str | Path) -> None:
-    save_sam(tool.sam, tool.arch, Path(system) / TOOL_DIR)
+def save_tool(tool: Tool, system: str | Path) -> None:
+    tool.save(Path(system) / TOOL_DIR)
 
 
-def save_system(policy: Policy, tool: SamTool, system: str | Path, merge_lora: bool = False,
+def save_system(policy: Policy, tool: Tool, system: str | Path, merge_lora: bool = False,
                 policy_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write into ``system`` (callers make it atomic with ``io.atomic_dir``)."""
     save_policy(policy, system, merge_lora, policy_state)
@@ -105,14 +105,13 @@ def copy_system(source: str | Path, system: str | Path) -> None:
         shutil.copytree(Path(source) / part, Path(system) / part)
 
 
-def load_system_weights(policy: Policy, tool: SamTool, system: str | Path,
+def load_system_weights(policy: Policy, tool: Tool, system: str | Path,
                         load_policy_state: Callable[[Callable[[], dict]], None] | None = None) -> None:
     """Load a saved system's weights into an already built policy + tool (in place).
     ``load_policy_state(read)`` puts the whole model state dict ``read()`` returns into a sharded
     policy (calling ``read`` on the processes that need it)."""
     system = Path(system)
-    sam, _ = load_sam(system / TOOL_DIR)
-    tool.sam.load_state_dict(sam.state_dict())
+    tool.load_weights(system / TOOL_DIR)
     model = policy.model
     if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -197,7 +196,7 @@ class RunDir:
         return int(json.loads((self.last / "state.json").read_text())["state"]["step"])
 
 
-def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict[str, torch.optim.Optimizer | None],
+def save_resume(directory: Path, policy: Policy, tool: Tool, optimizers: dict[str, torch.optim.Optimizer | None],
                 state: dict, policy_state: dict[str, torch.Tensor] | None = None,
                 optimizer_states: dict[str, dict] | None = None) -> None:
     """Everything a killed run needs to go on (system, optimisers, RNG states, loop state), swapped in
@@ -213,7 +212,7 @@ def save_resume(directory: Path, policy: Policy, tool: SamTool, optimizers: dict
         write_json(tmp / "state.json", state)
 
 
-def load_resume(directory: Path, policy: Policy, tool: SamTool,
+def load_resume(directory: Path, policy: Policy, tool: Tool,
                 optimizers: dict[str, torch.optim.Optimizer | None],
                 load_policy_state: Callable[[Callable[[], dict]], None] | None = None,
                 optimizer_loaders: dict[str, Callable[[dict], None]] | None = None) -> dict:

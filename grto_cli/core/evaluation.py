@@ -20,7 +20,7 @@ from grto_cli.core.distributed import Processes
 from grto_cli.core.inference import Prediction, predict_records
 from grto_cli.core.metrics import GroundingMeter, SegmentationMeter, by_group, call_box_iou, point_in_target
 from grto_cli.core.policy import Generating, Policy
-from grto_cli.core.tool import SamTool
+from grto_cli.core.tool import Tool
 
 CAMOUFLAGE_DATASETS = {"cod10k", "nc4k"}
 
@@ -93,7 +93,7 @@ class SplitScore:
         return metrics
 
 
-def evaluate_split(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, batch_size: int,
+def evaluate_split(policy: Policy, tool: Tool, records: Sequence[Record], root: Path, batch_size: int,
                    max_new_tokens: int, require_think: bool = False, processes: Processes | None = None,
                    generating: Generating | None = None,
                    each: Callable[[Scored], None] | None = None) -> dict:

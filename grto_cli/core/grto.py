@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from grto_cli.core.answer import ToolCall
-from grto_cli.core.tool import SamTool, seg_loss, trainable_tool_parameters
+from grto_cli.core.tool import Embeddings, Tool, seg_loss
 
 TOOL_WEIGHTINGS = ("uniform", "positive", "softmax")
 
@@ -29,7 +29,7 @@ def rollout_weights(advantages: torch.Tensor, group_size: int, weighting: str) -
     raise ValueError(f"unknown tool weighting {weighting!r}; expected one of {TOOL_WEIGHTINGS}")
 
 
-def tool_loss(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[ToolCall | None]],
+def tool_loss(tool: Tool, embeddings: Embeddings, calls: Sequence[Sequence[ToolCall | None]],
               targets: Sequence[torch.Tensor], kind: str = "dice_bce",
               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Weighted mean seg loss over valid calls; ``calls[i]`` are image i's calls. Returns (loss, n_valid).
@@ -40,7 +40,7 @@ def tool_loss(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[
     return total / max(weight, 1e-8), n_valid
 
 
-def tool_loss_terms(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Sequence[ToolCall | None]],
+def tool_loss_terms(tool: Tool, embeddings: Embeddings, calls: Sequence[Sequence[ToolCall | None]],
                     targets: Sequence[torch.Tensor], kind: str = "dice_bce",
                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """``tool_loss`` before its division: (weighted loss sum, weight sum, n_valid), so processes
@@ -61,25 +61,24 @@ def tool_loss_terms(tool: SamTool, embeddings: torch.Tensor, calls: Sequence[Seq
     return (loss * weight).sum(), float(weight.sum()), int(len(loss))
 
 
-def tool_optimizer(tool: SamTool, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable_tool_parameters(tool.sam), lr=lr, weight_decay=weight_decay)
+def tool_optimizer(tool: Tool, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(tool.trainable_parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def freeze_image_encoder(tool: SamTool) -> None:
-    tool.sam.image_encoder.requires_grad_(False)
-    tool.sam.image_encoder.eval()
+def freeze_image_encoder(tool: Tool) -> None:
+    tool.freeze_image_encoder()
 
 
 class ToolLossTerms(torch.nn.Module):
     """``tool_loss_terms`` as a module, so that DDP sees its forward (``Processes.wrap``)."""
 
-    def __init__(self, tool: SamTool):
+    def __init__(self, tool: Tool):
         super().__init__()
-        self.tool, self.sam = tool, tool.sam
+        self.tool, self.tool_module = tool, tool.module
 
     def forward(self, embeddings, calls, targets, kind: str, weights):
         total, weight, n_valid = tool_loss_terms(self.tool, embeddings, calls, targets, kind, weights)
         # Every trainable parameter takes part in every backward (with gradient 0 where unused), so
         # a process whose rollouts hold no valid call still joins DDP's gradient all-reduce.
-        zero = sum(p.sum() for p in self.sam.parameters() if p.requires_grad) * 0.0
+        zero = sum(p.sum() for p in self.tool_module.parameters() if p.requires_grad) * 0.0
         return total + zero, weight, n_valid

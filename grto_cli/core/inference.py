@@ -17,7 +17,7 @@ from grto_cli.core.data.records import Record
 from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import (Generating, Policy, decode_completions, encode_prompts, generate, resized_sizes,
                                   sampling_config)
-from grto_cli.core.tool import SamTool
+from grto_cli.core.tool import Tool
 
 
 @dataclass
@@ -42,7 +42,7 @@ def oracle_call(record: Record) -> ToolCall | None:
 
 
 @torch.no_grad()
-def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], queries: Sequence[str],
+def predict_batch(policy: Policy, tool: Tool, images: Sequence[np.ndarray], queries: Sequence[str],
                   max_new_tokens: int, require_think: bool = False,
                   oracle_calls: Sequence[ToolCall] | None = None, generating: Generating | None = None
                   ) -> list[tuple[str, ParsedAnswer, np.ndarray, np.ndarray | None]]:
@@ -65,7 +65,7 @@ def predict_batch(policy: Policy, tool: SamTool, images: Sequence[np.ndarray], q
     return out
 
 
-def predict_records(policy: Policy, tool: SamTool, records: Sequence[Record], root: Path, batch_size: int,
+def predict_records(policy: Policy, tool: Tool, records: Sequence[Record], root: Path, batch_size: int,
                     max_new_tokens: int, require_think: bool = False, oracle: bool = False,
                     processes: Processes | None = None, generating: Generating | None = None) -> Iterator[Prediction]:
     """Predictions in record order; ``oracle`` adds the tool's mask on each record's ground-truth prompt.

@@ -21,7 +21,7 @@ from grto_cli.core.data.masks import interior_point
 from grto_cli.core.data.records import Record
 from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, encode_prompts, resized_sizes
-from grto_cli.core.tool import SamTool, seg_loss
+from grto_cli.core.tool import Tool, seg_loss
 
 StepCallback = Callable[[int, dict], None]
 
@@ -95,12 +95,12 @@ def warm_up(module: torch.nn.Module, steps: int, lr: float, warmup: int, loss_at
     return last
 
 
-def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainConfig, seed: int,
+def train_sam(tool: Tool, records: list[Record], root: Path, cfg: SamTrainConfig, seed: int,
               on_step: StepCallback | None = None) -> dict:
-    """Train the whole tiny SAM (encoder included: it starts from random) on ground-truth prompts."""
+    """Train the whole tiny tool (SAM or SAM2, encoder included: it starts from random) on ground-truth prompts."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    sam = tool.sam.train()
+    model = tool.module.train()
     images = {}
 
     def loss_at(step: int) -> torch.Tensor:
@@ -108,8 +108,7 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
         for r in batch:
             if r.id not in images:
                 images[r.id] = (load_rgb(r.image_path(root)), r.decode_mask())
-        pixels = torch.cat([tool.preprocess(images[r.id][0]) for r in batch])
-        embeddings = sam.image_encoder(pixels)
+        embeddings = tool.encode_trainable([images[r.id][0] for r in batch])  # len(batch) images
         losses = []
         for i, r in enumerate(batch):
             mask = images[r.id][1]
@@ -118,8 +117,8 @@ def train_sam(tool: SamTool, records: list[Record], root: Path, cfg: SamTrainCon
             losses.append(seg_loss(logits, torch.as_tensor(mask)[None], cfg.loss))
         return torch.cat(losses).mean()
 
-    last = warm_up(sam, cfg.steps, cfg.lr, max(1, cfg.steps // 10), loss_at, TOOL_LOSS, on_step=on_step)
-    sam.eval()
+    last = warm_up(model, cfg.steps, cfg.lr, max(1, cfg.steps // 10), loss_at, TOOL_LOSS, on_step=on_step)
+    model.eval()
     return last
 
 

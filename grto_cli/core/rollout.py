@@ -1,7 +1,7 @@
 """Group sampling: G completions per query, parsed calls, the tool's masks, rewards, log-probs.
 
 Each image goes through the policy's vision tower once per generation and once per log-prob pass
-(its output shared by the G completions, ``policy.expand_prompts``), and through SAM's image
+(its output shared by the G completions, ``policy.expand_prompts``), and through the tool's image
 encoder once; all G calls of that image go through the mask decoder in one batch.
 """
 
@@ -24,7 +24,7 @@ from grto_cli.core.policy import (LOGPROB_CHUNK, Generating, Policy, completion_
                                   encode_prompts, expand_prompts, generate, resized_sizes, sampling_config)
 from grto_cli.core.rewards import RewardBreakdown, RewardWeights, compute_rewards
 from grto_cli.core.sampling import GumbelSampler, row_keys
-from grto_cli.core.tool import SamTool
+from grto_cli.core.tool import Embeddings, Tool
 
 
 @dataclass
@@ -45,7 +45,7 @@ class RolloutBatch:
     texts: list[str]
     parsed: list[ParsedAnswer]
     rewards: RewardBreakdown
-    embeddings: torch.Tensor  # (len(records), C, h, w): frozen image-encoder outputs
+    embeddings: Embeddings  # len(records) images' frozen image-encoder outputs (Tool.embed)
     targets: list[torch.Tensor]  # per record, (H, W) bool
 
     def prompt_rows(self, rows: slice) -> torch.Tensor:
@@ -87,7 +87,7 @@ def sample_completions(policy: Policy, images: Sequence[np.ndarray], queries: Se
     return prompts, completion_ids, mask, texts, parsed
 
 
-def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], images: Sequence[np.ndarray],
+def rollout_group(policy: Policy, tool: Tool, records: Sequence[Record], images: Sequence[np.ndarray],
                   targets: Sequence[np.ndarray], sampling: SamplingParams, weights: RewardWeights,
                   keys: Sequence[int], require_think: bool = False,
                   image_keys: Sequence[str] | None = None, generating: Generating | None = None) -> RolloutBatch:
@@ -103,7 +103,7 @@ def rollout_group(policy: Policy, tool: SamTool, records: Sequence[Record], imag
 
 
 @torch.no_grad()
-def score_groups(tool: SamTool, embeddings: torch.Tensor, records: Sequence[Record], images: Sequence[np.ndarray],
+def score_groups(tool: Tool, embeddings: Embeddings, records: Sequence[Record], images: Sequence[np.ndarray],
                  targets: Sequence[torch.Tensor], parsed: Sequence[ParsedAnswer], group_size: int,
                  weights: RewardWeights) -> RewardBreakdown:
     """Each query's G parsed calls decoded on its image's embedding and scored against its target."""

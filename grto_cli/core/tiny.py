@@ -192,3 +192,29 @@ def tiny_sam_arch(image_size: int = 64) -> SamArch:
                    image_size=image_size, patch_size=image_size // 16, window_size=4, prompt_embed_dim=32,
                    mask_in_chans=8, decoder_depth=2, decoder_mlp_dim=128, decoder_num_heads=2,
                    iou_head_hidden_dim=32)
+
+
+def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
+    """A random-init transformers ``Sam2Model`` at small dims (Hiera 16-128 channels over 5 blocks,
+    32-channel FPN, prompt encoder and mask decoder) + its ``Sam2Processor`` resizing to
+    ``image_size`` (a multiple of 64): the "sam2-hf" tool kind in tests. Returns (model, processor)."""
+    from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model, Sam2Processor
+
+    if image_size % 64:
+        raise ValueError(f"the tiny SAM2's image_size must be a multiple of 64, got {image_size}")
+    s = image_size // 4  # Hiera's first stage: stride-4 patches; three 2x poolings follow
+    config = Sam2Config(
+        vision_config=dict(
+            backbone_config=dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
+                                 image_size=[image_size, image_size], blocks_per_stage=[1, 1, 2, 1],
+                                 embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
+                                 window_size_per_stage=[8, 4, 4, 2], global_attention_blocks=[3],
+                                 window_positional_embedding_background_size=[4, 4]),
+            backbone_channel_list=[128, 64, 32, 16], backbone_feature_sizes=[[s, s], [s // 2, s // 2], [s // 4, s // 4]],
+            fpn_hidden_size=32),
+        prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=16, mask_input_channels=8),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32))
+    torch.manual_seed(seed)
+    model = Sam2Model(config).eval()
+    processor = Sam2Processor(Sam2ImageProcessor(size={"height": image_size, "width": image_size}))
+    return model, processor

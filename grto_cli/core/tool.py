@@ -1,4 +1,8 @@
-"""The tool: SAM from ``segment-anything``, loaded from Meta's official checkpoint files.
+"""The tool interface every stage uses (``Tool``), its embedding cache and loss, and its first kind:
+SAM from ``segment-anything`` (kind "sam"), loaded from Meta's official checkpoint files.
+
+Users (rollout, the GRTO objective, bootstrap, evaluate, export, predict) call only ``Tool``'s
+methods; which kind a tool directory holds is ``tool_kinds.py``'s business (a closed registry).
 
 One builder serves every size: the official ``vit_b``/``vit_l``/``vit_h`` presets and any custom
 architecture (the embedded default's tiny SAM) described by the same fields, saved beside its
@@ -14,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from grto_cli.core.io import atomic_path, write_text
 
 SAM_WEIGHTS = "sam.pt"
 SAM_ARCH = "sam.yaml"
+SAM_KIND = "sam"
 SEG_LOSSES = ("dice_bce", "focal")
 # Logit given to pixels of a rollout whose answer could not be parsed: no mask, no gradient.
 NO_MASK_LOGIT = -20.0
@@ -145,18 +150,70 @@ DEFAULT_ENCODE_BATCH = 4
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
-def _nbytes(t: torch.Tensor) -> int:
+@dataclass(frozen=True)
+class FeatureLevels:
+    """A tool's image features at several resolutions (SAM2: two high-resolution maps + the image
+    embedding), indexed and concatenated along the image axis like one (B, ...) tensor."""
+
+    levels: tuple[torch.Tensor, ...]  # each (B, C_l, h_l, w_l), highest resolution first
+
+    def __len__(self) -> int:
+        return self.levels[0].shape[0]
+
+    def __getitem__(self, index: slice) -> "FeatureLevels":
+        if not isinstance(index, slice):
+            raise TypeError(f"FeatureLevels are indexed by a slice of images (embeddings[i:i + 1]), got {index!r}")
+        return FeatureLevels(tuple(level[index] for level in self.levels))
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels[0].device
+
+    def to(self, device) -> "FeatureLevels":
+        return FeatureLevels(tuple(level.to(device) for level in self.levels))
+
+    def detach(self) -> "FeatureLevels":
+        return FeatureLevels(tuple(level.detach() for level in self.levels))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(level) for level in self.levels)
+
+
+# What a tool's embed returns: one tensor (B, C, h, w) for SAM, FeatureLevels for SAM2.
+Embeddings = Union[torch.Tensor, FeatureLevels]
+
+
+def _nbytes(t: Embeddings) -> int:
+    if isinstance(t, FeatureLevels):
+        return t.nbytes
     return t.nelement() * t.element_size()
+
+
+def cat_embeddings(parts: Sequence[Embeddings]) -> Embeddings:
+    """Concatenate per-image embeddings along the image axis."""
+    if isinstance(parts[0], FeatureLevels):
+        return FeatureLevels(tuple(torch.cat(level) for level in zip(*(p.levels for p in parts))))
+    return torch.cat(parts)
+
+
+def _to_disk(value: Embeddings):
+    return {"levels": list(value.levels)} if isinstance(value, FeatureLevels) else value
+
+
+def _from_disk(value) -> Embeddings:
+    return FeatureLevels(tuple(value["levels"])) if isinstance(value, dict) else value
 
 
 class EmbeddingCache:
     """Image-encoder outputs by image key, kept on the CPU (never on the GPU), least recently used
-    first out once they hold more than ``max_bytes``; optionally on disk too (``disk_dir``)."""
+    first out once they hold more than ``max_bytes`` (every feature level counted); optionally on
+    disk too (``disk_dir``)."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, disk_dir: str | Path | None = None):
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[str, Embeddings] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -169,29 +226,29 @@ class EmbeddingCache:
             return None
         return self.disk_dir / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> Embeddings | None:
         if key in self._items:
             self._items.move_to_end(key)
             self.hits += 1
             return self._items[key]
         path = self._disk_path(key)
         if path is not None and path.is_file():
-            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = _from_disk(torch.load(path, map_location="cpu", weights_only=True))
             self._remember(key, value)
             self.hits += 1
             return value
         self.misses += 1
         return None
 
-    def put(self, key: str, value: torch.Tensor) -> None:
+    def put(self, key: str, value: Embeddings) -> None:
         value = self._remember(key, value)
         path = self._disk_path(key)
         if path is not None and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                torch.save(value, tmp)
+                torch.save(_to_disk(value), tmp)
 
-    def _remember(self, key: str, value: torch.Tensor) -> torch.Tensor:
+    def _remember(self, key: str, value: Embeddings) -> Embeddings:
         value = value.detach().to("cpu")
         if key in self._items:
             self.bytes -= _nbytes(self._items[key])
@@ -209,8 +266,101 @@ def _content_key(image: np.ndarray) -> str:
     return f"{image.shape}:{hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()}"
 
 
+class Tool(Protocol):
+    """What every user of the tool calls; nothing outside a kind's module reaches into its model.
+
+    ``embed`` runs the frozen image encoder once per distinct image (cached by key within the
+    cache's byte budget); ``decode`` turns N calls on one image into differentiable mask logits at
+    the image's size; GRTO trains ``trainable_parameters()`` (prompt encoder + mask decoder) and
+    nothing else; ``module`` holds every weight (what DDP wraps through ``grto.ToolLossTerms``);
+    ``save``/``load_weights`` write and read the system's ``tool/`` directory.
+    """
+
+    kind: str  # a key of tool_kinds.TOOL_KINDS
+    embedding_cache: "EmbeddingCache"
+    encode_batch: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def module(self) -> torch.nn.Module: ...
+
+    def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> Embeddings: ...
+
+    def encode_trainable(self, images: Sequence[np.ndarray]) -> Embeddings:
+        """The image encoder's pass with gradients, no cache: pretraining a tool from scratch only."""
+
+    def decode(self, embedding: Embeddings, calls: Sequence[ToolCall | None],
+               original_size: tuple[int, int]) -> torch.Tensor: ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def freeze_image_encoder(self) -> None: ...
+
+    def freeze(self) -> None: ...
+
+    def train(self, mode: bool = True) -> "Tool": ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    def load_weights(self, directory: str | Path) -> None: ...
+
+
+def embed_cached(images: Sequence[np.ndarray], keys: Sequence[str] | None, cache: EmbeddingCache,
+                 encode_batch: int, device: torch.device,
+                 encode: Callable[[list[np.ndarray]], Embeddings]) -> Embeddings:
+    """The embedding loop every kind shares: keyed images are read from the cache when there; every
+    other distinct image (by key, else by its pixels) goes through ``encode`` once, in chunks of
+    ``encode_batch`` images; the result is on ``device``, one entry per image in order."""
+    keys = list(keys) if keys is not None else [None] * len(images)
+    ids = [k if k else _content_key(im) for k, im in zip(keys, images)]
+    found: dict[str, Embeddings] = {}
+    pending: set[str] = set()
+    todo: list[int] = []  # first index of each distinct image that still needs the encoder
+    for i, (key, ident) in enumerate(zip(keys, ids)):
+        if ident in found or ident in pending:
+            continue
+        cached = cache.get(key) if key else None
+        if cached is None:
+            todo.append(i)
+            pending.add(ident)
+        else:
+            found[ident] = cached
+    for start in range(0, len(todo), encode_batch):
+        chunk = todo[start:start + encode_batch]
+        fresh = encode([images[i] for i in chunk])  # (b, ...)
+        for j, i in enumerate(chunk):
+            emb = fresh[j:j + 1]
+            found[ids[i]] = emb
+            if keys[i]:
+                cache.put(keys[i], emb)
+    return cat_embeddings([found[ident].to(device) for ident in ids])
+
+
+def decode_grouped(calls: Sequence[ToolCall | None], original_size: tuple[int, int], device: torch.device,
+                   decode_group: Callable[[list[ToolCall], bool, int], torch.Tensor]) -> torch.Tensor:
+    """Mask logits (N, H, W) for N calls on one image: calls with the same prompt structure (box or
+    not, number of points) go through ``decode_group(calls, has_box, n_points)`` -> (n, H, W)
+    together; a None call (an unparsable answer) gives a constant NO_MASK_LOGIT map, no gradient."""
+    h, w = original_size
+    logits: list[torch.Tensor | None] = [None] * len(calls)
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, call in enumerate(calls):
+        if call is not None and (call.box is not None or call.points):
+            groups.setdefault((call.box is not None, len(call.points)), []).append(i)
+    for (has_box, n_points), idx in sorted(groups.items()):
+        masks = decode_group([calls[i] for i in idx], has_box, n_points)
+        for j, i in enumerate(idx):
+            logits[i] = masks[j]
+    empty = torch.full((h, w), NO_MASK_LOGIT, device=device)
+    return torch.stack([m if m is not None else empty for m in logits])
+
+
 class SamTool:
-    """Batched, differentiable decoding of parsed tool calls into mask logits."""
+    """Kind "sam": batched, differentiable decoding of parsed tool calls into mask logits."""
+
+    kind = SAM_KIND
 
     def __init__(self, sam: Sam, arch: SamArch, cache: EmbeddingCache | None = None,
                  encode_batch: int = DEFAULT_ENCODE_BATCH):
@@ -219,12 +369,47 @@ class SamTool:
         self.sam = sam
         self.arch = arch
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
-        self.sam_embedding_cache = cache if cache is not None else EmbeddingCache()
+        self.embedding_cache = cache if cache is not None else EmbeddingCache()
         self.encode_batch = encode_batch
+
+    @property
+    def sam_embedding_cache(self) -> EmbeddingCache:  # the name before the Tool interface
+        return self.embedding_cache
 
     @property
     def device(self) -> torch.device:
         return self.sam.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.sam
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return trainable_tool_parameters(self.sam)
+
+    def freeze_image_encoder(self) -> None:
+        self.sam.image_encoder.requires_grad_(False)
+        self.sam.image_encoder.eval()
+
+    def freeze(self) -> None:
+        self.sam.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SamTool":
+        self.sam.prompt_encoder.train(mode)
+        self.sam.mask_decoder.train(mode)
+        self.sam.image_encoder.eval()
+        return self
+
+    def save(self, directory: str | Path) -> Path:
+        """``sam.pt`` + ``sam.yaml``, as before the Tool interface: no kind file (absent means "sam")."""
+        return save_sam(self.sam, self.arch, directory)
+
+    def load_weights(self, directory: str | Path) -> None:
+        from grto_cli.core.tool_kinds import check_kind
+
+        check_kind(directory, self.kind)
+        sam, _ = load_sam(directory)
+        self.sam.load_state_dict(sam.state_dict())
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         return self.transform.get_preprocess_shape(original_size[0], original_size[1], self.sam.image_encoder.img_size)
@@ -236,57 +421,26 @@ class SamTool:
 
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
-        """Frozen image-encoder embeddings (B, C, h, w) on the tool's device.
+        """Frozen image-encoder embeddings (B, C, h, w) on the tool's device (``embed_cached``),
+        encoded under bf16 autocast on CUDA."""
+        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device, self._encode)
 
-        Keyed images are read from the cache when there; every other distinct image (by key, else by
-        its pixels) is encoded once, in chunks of ``encode_batch`` images, under bf16 autocast on CUDA.
-        """
-        keys = list(keys) if keys is not None else [None] * len(images)
-        ids = [k if k else _content_key(im) for k, im in zip(keys, images)]
-        found: dict[str, torch.Tensor] = {}
-        pending: set[str] = set()
-        todo: list[int] = []  # first index of each distinct image that still needs the encoder
-        for i, (key, ident) in enumerate(zip(keys, ids)):
-            if ident in found or ident in pending:
-                continue
-            cached = self.sam_embedding_cache.get(key) if key else None
-            if cached is None:
-                todo.append(i)
-                pending.add(ident)
-            else:
-                found[ident] = cached
-        cuda = self.device.type == "cuda"
-        for start in range(0, len(todo), self.encode_batch):
-            chunk = todo[start:start + self.encode_batch]
-            pixels = torch.cat([self.preprocess(images[i]) for i in chunk])  # (b, 3, S, S)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                fresh = self.sam.image_encoder(pixels).float()  # (b, C, h, w)
-            for i, emb in zip(chunk, fresh):
-                found[ids[i]] = emb[None]
-                if keys[i]:
-                    self.sam_embedding_cache.put(keys[i], emb[None])
-        return torch.cat([found[ident].to(self.device) for ident in ids])
+    def encode_trainable(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.sam.image_encoder(torch.cat([self.preprocess(im) for im in images]))  # (b, C, h, w)
+
+    def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
+        pixels = torch.cat([self.preprocess(im) for im in images])  # (b, 3, S, S)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.sam.image_encoder(pixels).float()  # (b, C, h, w)
 
     def decode(self, embedding: torch.Tensor, calls: Sequence[ToolCall | None],
                original_size: tuple[int, int]) -> torch.Tensor:
-        """Mask logits (N, H, W) at the original image size for N calls on one image.
-
-        Calls with the same prompt structure go through the decoder together. A None call (an
-        unparsable answer) gives a constant NO_MASK_LOGIT map that carries no gradient.
-        """
-        h, w = original_size
-        logits: list[torch.Tensor | None] = [None] * len(calls)
-        groups: dict[tuple[bool, int], list[int]] = {}
-        for i, call in enumerate(calls):
-            if call is not None and (call.box is not None or call.points):
-                groups.setdefault((call.box is not None, len(call.points)), []).append(i)
+        """Mask logits (N, H, W) at the original image size for N calls on one image (``decode_grouped``)."""
         input_size = self.input_size(original_size)
-        for (has_box, n_points), idx in sorted(groups.items()):
-            masks = self._decode_group(embedding, [calls[i] for i in idx], has_box, n_points, input_size, original_size)
-            for j, i in enumerate(idx):
-                logits[i] = masks[j]
-        empty = torch.full((h, w), NO_MASK_LOGIT, device=embedding.device)
-        return torch.stack([m if m is not None else empty for m in logits])
+        def group(calls: list[ToolCall], has_box: bool, n_points: int) -> torch.Tensor:
+            return self._decode_group(embedding, calls, has_box, n_points, input_size, original_size)
+
+        return decode_grouped(calls, original_size, embedding.device, group)
 
     def _decode_group(self, embedding: torch.Tensor, calls: list[ToolCall], has_box: bool, n_points: int,
                       input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
@@ -303,7 +457,7 @@ class SamTool:
         low_res, _ = self.sam.mask_decoder(
             image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
-        return self.sam.postprocess_masks(low_res, input_size, original_size)[:, 0]
+        return self.sam.postprocess_masks(low_res, input_size, original_size)[:, 0]  # (n, H, W)
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice_bce",

@@ -46,7 +46,7 @@ from grto_cli.core.rewards import RewardWeights
 from grto_cli.core.rollout import PolicyLogprobs, RolloutBatch, SamplingParams, rollout_group, rollout_statistics
 from grto_cli.core.settings import MemoryParams, Schedule, TrainState
 from grto_cli.core.sampling import rollout_key
-from grto_cli.core.tool import SEG_LOSSES, SamTool
+from grto_cli.core.tool import SEG_LOSSES, Tool
 
 SUMMED_STATS = {LOSS_TOTAL, LOSS_POLICY}  # already shares of the whole-batch loss: add, don't average
 LogFn = Callable[[int, dict], None]
@@ -97,7 +97,7 @@ class RLConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: RLConfig, policy: Policy, tool: SamTool, train_records: list[Record],
+    def __init__(self, cfg: RLConfig, policy: Policy, tool: Tool, train_records: list[Record],
                  val_records: list[Record], root: Path, require_think: bool = False,
                  memory: MemoryParams | None = None, processes: Processes | None = None,
                  timer: Timer | None = None):
@@ -118,7 +118,7 @@ class Trainer:
         self.train_tool = cfg.method in ("grto", "b-grto")
         freeze_image_encoder(tool)
         if not self.train_tool:
-            tool.sam.requires_grad_(False)
+            tool.freeze()
         self.tool_opt = tool_optimizer(tool, cfg.tool_lr) if self.train_tool else None
         self.tool_pass = self.processes.wrap(ToolLossTerms(tool)) if self.train_tool else None
         self._images: dict[str, tuple[np.ndarray, np.ndarray]] = {}

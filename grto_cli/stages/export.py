@@ -49,7 +49,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> P
     }
     settings = {"require_think": pol_cfg.require_think, "max_new_tokens": cfg.max_new_tokens}
     out = write_bundle(policy, tool, cfg.out, settings, provenance)
-    summary_table("export", {"bundle": str(out), "from": cfg.checkpoint,
+    summary_table("export", {"bundle": str(out), "from": cfg.checkpoint, "tool": tool.kind,
                              "metrics": ", ".join(provenance["metrics"]) or "none"})
     return out
 
@@ -70,8 +70,10 @@ def predict(bundle: str, image: str, query: str, out: str, device: str = "auto")
     overlay = out_path.with_name(out_path.stem + ".overlay.png")
     overlay_sheet(overlay, [{"image": rgb, "target": np.zeros_like(mask), "pred": mask, "call": parsed.call,
                              "caption": query}])
-    result = {"answer": text, "status": parsed.status, "call": parsed.call.to_dict() if parsed.call else None,
+    result = {"tool_kind": tool.kind, "answer": text, "status": parsed.status,
+              "call": parsed.call.to_dict() if parsed.call else None,
               "mask": str(out_path), "overlay": str(overlay), "mask_pixels": int(mask.sum())}
-    summary_table("predict", {"status": parsed.status, "mask pixels": result["mask_pixels"], "mask": out})
+    summary_table("predict", {"tool": tool.kind, "status": parsed.status, "mask pixels": result["mask_pixels"],
+                              "mask": out})
     return result
 

@@ -23,8 +23,9 @@ from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.shipped import SHIPPED_BASE, mismatches, shipped_record
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
-from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam_arch
-from grto_cli.core.tool import SEG_LOSSES, SamTool, build_sam
+from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam2_hf, tiny_sam_arch
+from grto_cli.core.tool import SAM_KIND, SEG_LOSSES, SamTool, Tool, build_sam
+from grto_cli.core.tool_kinds import SAM2_HF_KIND
 from grto_cli.stages.console import console, progress_bar, summary_table
 from grto_cli.stages.params import Params
 from grto_cli.stages.record import write_run_record
@@ -42,6 +43,9 @@ class PretrainConfig:
     vlm: TinyVLMArch = field(default_factory=TinyVLMArch)
     sft: PolicySftConfig = field(default_factory=PolicySftConfig)
     sam: SamTrainConfig = field(default_factory=SamTrainConfig)
+    # The tiny tool's kind: sam (segment-anything's Sam, the shipped base's) or sam2-hf (a tiny
+    # transformers Sam2Model), trained the same way (``pretrain.sam``).
+    tool_kind: str = SAM_KIND
     # The tool's warm-up in a second process beside the policy's, each on half the CPU threads
     # (with at least 2): on 2 cores neither gains much from a second thread, so side by side the
     # stage takes about as long as the policy's warm-up alone.
@@ -53,21 +57,33 @@ class PretrainConfig:
     def validate(self) -> None:
         check_choice("sam.loss", self.sam.loss, SEG_LOSSES)
         check_choice("vlm.family", self.vlm.family, tuple(TINY_FAMILIES))
+        check_choice("tool_kind", self.tool_kind, TINY_TOOL_KINDS)
 
 
 SAM_BAR = "tiny SAM on ground-truth prompts"
+TINY_TOOL_KINDS = (SAM_KIND, SAM2_HF_KIND)
+
+
+def _tiny_tool(cfg: PretrainConfig) -> Tool:
+    """The untrained tiny tool of ``cfg.tool_kind``, its initial weights from the seed."""
+    if cfg.tool_kind == SAM2_HF_KIND:
+        from grto_cli.core.sam2_hf import Sam2HfTool
+
+        model, processor = tiny_sam2_hf(-(-cfg.vlm.image_size // 64) * 64, seed=cfg.seed)
+        return Sam2HfTool(model, processor)
+    arch = tiny_sam_arch(cfg.vlm.image_size)
+    torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
+    return SamTool(build_sam(arch), arch)
 
 
 def _train_tool(cfg: PretrainConfig, records: list[Record], root: Path, system: Path, on_step) -> dict:
-    """Build the tiny SAM (its initial weights from the seed), train it, write it into ``system``."""
-    arch = tiny_sam_arch(cfg.vlm.image_size)
-    torch.manual_seed(cfg.seed)  # SAM's initial weights come from the global RNG
-    tool = SamTool(build_sam(arch), arch)
+    """Build the tiny tool (its initial weights from the seed), train it, write it into ``system``."""
+    tool = _tiny_tool(cfg)
     with StepLogger(Path(cfg.live) / "sam") as log:
         stats = train_sam(tool, records, root, cfg.sam, cfg.seed,
                           on_step=lambda s, m: (log.log(s, m), on_step(s, m)))
     save_tool(tool, system)
-    return {**stats, "tool_parameters": sum(p.numel() for p in tool.sam.parameters())}
+    return {**stats, "tool_parameters": sum(p.numel() for p in tool.module.parameters())}
 
 
 def _tool_process(cfg: PretrainConfig, manifest: str, system: str, threads: int, messages) -> None:
@@ -131,6 +147,8 @@ def _use_shipped(cfg: PretrainConfig, pol_cfg: PolicyParams, manifest: Path) -> 
     this config would train; its record's results, or None (and why not, printed) when it is not."""
     record = shipped_record()
     why = mismatches(record, asdict(cfg), asdict(pol_cfg), manifest)
+    if cfg.tool_kind != SAM_KIND:
+        why.append(f"pretrain.tool_kind: the shipped base's tool is {SAM_KIND}, asked {cfg.tool_kind}")
     if why:
         console.print("[yellow]pretrain: training from scratch; the base shipped with grto was built from "
                       "another config or data:[/yellow]\n  " + "\n  ".join(why))

@@ -5,16 +5,16 @@ from __future__ import annotations
 from grto_cli.core.checkpoint import SystemPaths, load_system
 from grto_cli.core.distributed import Processes
 from grto_cli.core.policy import Policy
-from grto_cli.core.tool import EmbeddingCache, SamTool
+from grto_cli.core.tool import EmbeddingCache, Tool
 from grto_cli.stages.params import ConfigError
 from grto_cli.stages.runtime import pick_dtype, process_device
 from grto_cli.stages.sections import PolicyParams, ToolParams
 
 
 def load_stage_system(paths: SystemPaths, pol: PolicyParams, tool: ToolParams,
-                      processes: Processes | None = None) -> tuple[Policy, SamTool]:
+                      processes: Processes | None = None) -> tuple[Policy, Tool]:
     """Policy + tool on the device and dtype the ``policy`` section asks for (this process's GPU when
-    a launcher started several); SAM's encoder chunking and embedding cache as the ``tool`` section asks."""
+    a launcher started several); the tool's encoder chunking and embedding cache as the ``tool`` section asks."""
     device = process_device(pol.device, processes or Processes())
     cache = EmbeddingCache(max_bytes=tool.cache_bytes, disk_dir=tool.cache_dir)
     try:

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variants {unknown}; expected some of {VARIANTS}")
-    if args.smoke:
-        args.image_size, args.tokens = 112, 8
+    if args.smoke:  # checks the script: 4 rows (the variants' costs are not the point)
+        args.image_size, args.tokens, args.queries, args.group_size = 112, 8, 2, 2
     elif not torch.cuda.is_available():
         ap.error("no CUDA device (use --smoke on a CPU)")
     from peft import LoraConfig, get_peft_model

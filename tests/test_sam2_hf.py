@@ -18,6 +18,7 @@ from grto_cli.core.tiny import tiny_sam2_hf, tiny_sam_arch
 from grto_cli.core.tool import EmbeddingCache, FeatureLevels, SamTool, build_sam
 from grto_cli.core.tool_kinds import KIND_FILE, load_tool, tool_kind
 from grto_cli.core.trainer import RLConfig, Schedule, Trainer
+from test_train_cli import _cli
 
 TEMPLATE = "Locate: {query}."
 # A non-square image: the processor squashes it to 64x64 (x by 64/80, y by 64/48).
@@ -225,21 +226,6 @@ def test_grto_with_sam2_resumes_bit_identically(sam2_system, synthetic_data, tmp
 
 
 # ------------------------------------------------- the embedded default with a tiny SAM2, via the CLI
-
-
-def _cli(args, cwd):
-    import os
-
-    from typer.testing import CliRunner
-
-    from grto_cli.cli import app
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(app, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def test_embedded_default_runs_b_grto_with_a_tiny_sam2(make_project):

@@ -68,7 +68,7 @@ def test_rollouts_parse_score_and_share_one_embedding_per_image(tiny_system, syn
     n = 4 * 8
     assert batch.completion_ids.shape[0] == n and len(batch.parsed) == n
     assert batch.embeddings.shape[0] == 4  # one encoder pass per image, not per rollout
-    assert trainer.tool.sam_embedding_cache.misses == 4
+    assert trainer.tool.embedding_cache.misses == 4
     r = batch.rewards
     assert r.format_ok.any() and not r.format_ok.all(), "the batch needs parsable and unparsable answers"
     earned = (weights.iou * r.iou + weights.box_iou * r.box_iou + weights.point * r.point)[r.format_ok]

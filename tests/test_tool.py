@@ -67,9 +67,9 @@ def test_a_batchs_duplicate_images_are_encoded_once():
     out = tool.embed([a, b, a.copy(), a])
     assert seen == [2] and torch.equal(out[0], out[2]) and torch.equal(out[0], out[3])
     out = tool.embed([b, b, a], keys=["b", "b", "a"])
-    assert seen == [2, 2] and tool.sam_embedding_cache.misses == 2
+    assert seen == [2, 2] and tool.embedding_cache.misses == 2
     tool.embed([a, b], keys=["a", "b"])
-    assert seen == [2, 2] and tool.sam_embedding_cache.hits == 2  # both from the cache: no pass
+    assert seen == [2, 2] and tool.embedding_cache.hits == 2  # both from the cache: no pass
 
 
 def test_cached_embeddings_live_on_the_cpu_within_a_byte_budget():
@@ -96,7 +96,7 @@ def test_embeddings_computed_on_the_gpu_are_cached_on_the_cpu():
     tool = SamTool(build_sam(arch).eval().cuda(), arch)
     image = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     out = tool.embed([image], keys=["img"])
-    assert out.device.type == "cuda" and tool.sam_embedding_cache.get("img").device.type == "cpu"
+    assert out.device.type == "cuda" and tool.embedding_cache.get("img").device.type == "cpu"
 
 
 def test_the_tool_section_reaches_the_loaded_tool(tiny_system, tmp_path):
@@ -110,4 +110,4 @@ def test_the_tool_section_reaches_the_loaded_tool(tiny_system, tmp_path):
     read = Params(params)
     _, tool = load_stage_system(system_paths(str(tiny_system)), read.section(PolicyParams, "policy"),
                                 read.section(ToolParams, "tool"))
-    assert tool.encode_batch == 3 and tool.sam_embedding_cache.max_bytes == 12345
+    assert tool.encode_batch == 3 and tool.embedding_cache.max_bytes == 12345

@@ -373,10 +373,6 @@ class SamTool:
         self.encode_batch = encode_batch
 
     @property
-    def sam_embedding_cache(self) -> EmbeddingCache:  # the name before the Tool interface
-        return self.embedding_cache
-
-    @property
     def device(self) -> torch.device:
         return self.sam.device
 
@@ -429,9 +425,8 @@ class SamTool:
         return self.sam.image_encoder(torch.cat([self.preprocess(im) for im in images]))  # (b, C, h, w)
 
     def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        pixels = torch.cat([self.preprocess(im) for im in images])  # (b, 3, S, S)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.sam.image_encoder(pixels).float()  # (b, C, h, w)
+            return self.encode_trainable(images).float()  # (b, C, h, w)
 
     def decode(self, embedding: torch.Tensor, calls: Sequence[ToolCall | None],
                original_size: tuple[int, int]) -> torch.Tensor:

@@ -194,6 +194,74 @@ def tiny_sam_arch(image_size: int = 64) -> SamArch:
                    iou_head_hidden_dim=32)
 
 
+def tiny_sam2_config(image_size: int = 64) -> dict:
+    """A model config for Meta's ``sam2`` package laid out as its ``sam2.1_hiera_t.yaml`` (the same
+    classes, post-processing as ``build_sam2``), at small dims: Hiera 16-128 channels over 5 blocks,
+    32-channel FPN and SAM heads, one tiny memory layer (image-only use never runs it, but
+    ``SAM2Base`` builds it). ``image_size``: a multiple of 64. The "sam2" tool kind in tests."""
+    if image_size % 64:
+        raise ValueError(f"the tiny SAM2's image_size must be a multiple of 64, got {image_size}")
+    d, mem, s = 32, 16, image_size // 16  # FPN/SAM width, memory width, image-embedding side
+
+    def sine(n):
+        return {"_target_": "sam2.modeling.position_encoding.PositionEmbeddingSine", "num_pos_feats": n,
+                "normalize": True, "scale": None, "temperature": 10000}
+
+    def rope(**extra):
+        return {"_target_": "sam2.modeling.sam.transformer.RoPEAttention", "rope_theta": 10000.0,
+                "feat_sizes": [s, s], "embedding_dim": d, "num_heads": 1, "downsample_rate": 1, "dropout": 0.1,
+                **extra}
+
+    model = {
+        "_target_": "sam2.modeling.sam2_base.SAM2Base",
+        "image_encoder": {
+            "_target_": "sam2.modeling.backbones.image_encoder.ImageEncoder", "scalp": 1,
+            "trunk": {"_target_": "sam2.modeling.backbones.hieradet.Hiera", "embed_dim": 16, "num_heads": 1,
+                      "stages": [1, 1, 2, 1], "global_att_blocks": [3], "window_spec": [8, 4, 4, 2],
+                      "window_pos_embed_bkg_spatial_size": [4, 4]},
+            "neck": {"_target_": "sam2.modeling.backbones.image_encoder.FpnNeck", "position_encoding": sine(d),
+                     "d_model": d, "backbone_channel_list": [128, 64, 32, 16], "fpn_top_down_levels": [2, 3],
+                     "fpn_interp_model": "nearest"}},
+        "memory_attention": {
+            "_target_": "sam2.modeling.memory_attention.MemoryAttention", "d_model": d, "pos_enc_at_input": True,
+            "num_layers": 1,
+            "layer": {"_target_": "sam2.modeling.memory_attention.MemoryAttentionLayer", "activation": "relu",
+                      "dim_feedforward": 2 * d, "dropout": 0.1, "pos_enc_at_attn": False, "d_model": d,
+                      "pos_enc_at_cross_attn_keys": True, "pos_enc_at_cross_attn_queries": False,
+                      "self_attention": rope(), "cross_attention": rope(rope_k_repeat=True, kv_in_dim=mem)}},
+        "memory_encoder": {
+            "_target_": "sam2.modeling.memory_encoder.MemoryEncoder", "out_dim": mem, "in_dim": d,
+            "position_encoding": sine(mem),
+            "mask_downsampler": {"_target_": "sam2.modeling.memory_encoder.MaskDownSampler", "embed_dim": d,
+                                 "kernel_size": 3, "stride": 2, "padding": 1},
+            "fuser": {"_target_": "sam2.modeling.memory_encoder.Fuser", "num_layers": 1,
+                      "layer": {"_target_": "sam2.modeling.memory_encoder.CXBlock", "dim": d, "kernel_size": 7,
+                                "padding": 3, "layer_scale_init_value": 1e-6, "use_dwconv": True}}},
+        "num_maskmem": 7, "image_size": image_size, "sigmoid_scale_for_mem_enc": 20.0,
+        "sigmoid_bias_for_mem_enc": -10.0, "use_mask_input_as_output_without_sam": True,
+        "directly_add_no_mem_embed": True, "no_obj_embed_spatial": True, "use_high_res_features_in_sam": True,
+        "multimask_output_in_sam": True, "iou_prediction_use_sigmoid": True, "use_obj_ptrs_in_encoder": True,
+        "add_tpos_enc_to_obj_ptrs": True, "proj_tpos_enc_in_obj_ptrs": True, "use_signed_tpos_enc_to_obj_ptrs": True,
+        "only_obj_ptrs_in_the_past_for_eval": True, "pred_obj_scores": True, "pred_obj_scores_mlp": True,
+        "fixed_no_obj_ptr": True, "multimask_output_for_tracking": True, "use_multimask_token_for_obj_ptr": True,
+        "multimask_min_pt_num": 0, "multimask_max_pt_num": 1, "use_mlp_for_obj_ptr_proj": True,
+        "compile_image_encoder": False,
+        "sam_mask_decoder_extra_args": {"dynamic_multimask_via_stability": True,
+                                        "dynamic_multimask_stability_delta": 0.05,
+                                        "dynamic_multimask_stability_thresh": 0.98}}
+    return {"model": model}
+
+
+def tiny_sam2(image_size: int = 64, seed: int = 0):
+    """A random-init tiny ``SAM2Base`` from ``tiny_sam2_config``, built by the sam2 package's own
+    instantiation. Returns (model, config)."""
+    from grto_cli.core.sam2_meta import build_sam2_model
+
+    config = tiny_sam2_config(image_size)
+    torch.manual_seed(seed)
+    return build_sam2_model(config, "tiny SAM2").eval(), config
+
+
 def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
     """A random-init transformers ``Sam2Model`` at small dims (Hiera 16-128 channels over 5 blocks,
     32-channel FPN, prompt encoder and mask decoder) + its ``Sam2Processor`` resizing to
@@ -217,4 +285,27 @@ def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
     torch.manual_seed(seed)
     model = Sam2Model(config).eval()
     processor = Sam2Processor(Sam2ImageProcessor(size={"height": image_size, "width": image_size}))
+    return model, processor
+
+
+def tiny_sam_hf(image_size: int = 64, seed: int = 0):
+    """A random-init transformers ``SamModel`` at small dims (a 2-layer, 64-wide ViT whose embedding
+    is 16x16, a 32-channel prompt encoder and mask decoder) + its ``SamProcessor`` resizing the
+    longest side to ``image_size`` and padding to that square: the "sam-hf" tool kind in tests.
+    Returns (model, processor)."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    if image_size % 16:
+        raise ValueError(f"the tiny SAM's image_size must be a multiple of 16, got {image_size}")
+    patch, width = image_size // 16, 32  # width: the embedding's, the prompt encoder's and the mask decoder's
+    config = SamConfig(
+        vision_config=dict(hidden_size=64, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
+                           mlp_dim=128, image_size=image_size, patch_size=patch, window_size=4,
+                           global_attn_indexes=[1], num_pos_feats=width // 2),  # sin + cos features: width
+        prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=patch, mask_input_channels=8),
+        mask_decoder_config=dict(hidden_size=width, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=32))
+    torch.manual_seed(seed)
+    model = SamModel(config).eval()
+    processor = SamProcessor(SamImageProcessor(size={"longest_edge": image_size},
+                                               pad_size={"height": image_size, "width": image_size}))
     return model, processor

@@ -23,9 +23,9 @@ from grto_cli.core.metrics import SFT_LOSS, TOOL_LOSS
 from grto_cli.core.policy import Policy, load_policy
 from grto_cli.core.shipped import SHIPPED_BASE, mismatches, shipped_record
 from grto_cli.core.pretrain import PolicySftConfig, SamTrainConfig, train_policy_sft, train_sam
-from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam2_hf, tiny_sam_arch
+from grto_cli.core.tiny import TINY_FAMILIES, TinyVLMArch, build_tiny_vlm, tiny_sam2, tiny_sam2_hf, tiny_sam_arch
 from grto_cli.core.tool import SAM_KIND, SEG_LOSSES, SamTool, Tool, build_sam
-from grto_cli.core.tool_kinds import SAM2_HF_KIND
+from grto_cli.core.tool_kinds import SAM2_HF_KIND, SAM2_KIND
 from grto_cli.stages.console import console, progress_bar, summary_table
 from grto_cli.stages.params import Params
 from grto_cli.stages.record import write_run_record
@@ -43,8 +43,9 @@ class PretrainConfig:
     vlm: TinyVLMArch = field(default_factory=TinyVLMArch)
     sft: PolicySftConfig = field(default_factory=PolicySftConfig)
     sam: SamTrainConfig = field(default_factory=SamTrainConfig)
-    # The tiny tool's kind: sam (segment-anything's Sam, the shipped base's) or sam2-hf (a tiny
-    # transformers Sam2Model), trained the same way (``pretrain.sam``).
+    # The tiny tool's kind: sam (segment-anything's Sam, the shipped base's), sam2-hf (a tiny
+    # transformers Sam2Model) or sam2 (a tiny SAM2Base from Meta's sam2 package, ``grto[sam2]``),
+    # trained the same way (``pretrain.sam``).
     tool_kind: str = SAM_KIND
     # The tool's warm-up in a second process beside the policy's, each on half the CPU threads
     # (with at least 2): on 2 cores neither gains much from a second thread, so side by side the
@@ -61,11 +62,15 @@ class PretrainConfig:
 
 
 SAM_BAR = "tiny SAM on ground-truth prompts"
-TINY_TOOL_KINDS = (SAM_KIND, SAM2_HF_KIND)
+TINY_TOOL_KINDS = (SAM_KIND, SAM2_HF_KIND, SAM2_KIND)
 
 
 def _tiny_tool(cfg: PretrainConfig) -> Tool:
     """The untrained tiny tool of ``cfg.tool_kind``, its initial weights from the seed."""
+    if cfg.tool_kind == SAM2_KIND:
+        from grto_cli.core.sam2_meta import Sam2Tool
+
+        return Sam2Tool(*tiny_sam2(-(-cfg.vlm.image_size // 64) * 64, seed=cfg.seed))
     if cfg.tool_kind == SAM2_HF_KIND:
         from grto_cli.core.sam2_hf import Sam2HfTool
 

@@ -1,0 +1,307 @@
+"""The "sam2" tool kind (Meta's sam2 package, the optional extra grto[sam2]) behind the Tool interface:
+parity with SAM2ImagePredictor on a checkpoint in Meta's official format, loading by kind and arch,
+and GRTO training it (the trainer's tool step; a killed run resumes bit for bit).
+
+Every test but the first skips where the sam2 package is not installed (CI installs `.[dev]` only)."""
+
+import importlib.util
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from grto_cli.core.answer import ToolCall
+from grto_cli.core.checkpoint import RunDir, load_system, load_system_weights, save_system, system_paths
+from grto_cli.core.data.records import read_manifest
+from grto_cli.core.grto import tool_loss
+from grto_cli.core.rollout import SamplingParams
+from grto_cli.core.tool_kinds import KIND_FILE, load_tool, tool_kind
+from grto_cli.core.trainer import RLConfig, Schedule, Trainer
+from test_train_cli import _cli
+
+needs_sam2 = pytest.mark.skipif(importlib.util.find_spec("sam2") is None,
+                                reason="Meta's sam2 package is not installed (grto[sam2])")
+TEMPLATE = "Locate: {query}."
+# Non-square: SAM2's transforms squash it to the model's square (x by S/W, y by S/H).
+SIZE = (48, 80)
+CALLS = [ToolCall(box=(10, 8, 60, 40), points=((20, 30),)), ToolCall(box=(5, 20, 70, 44)),
+         ToolCall(points=((40, 10), (12, 33))), None]
+
+
+def test_missing_sam2_package_names_the_extra(tmp_path, monkeypatch):
+    """Where the package is absent (CI), a SAM2 tool arch says which extra to install."""
+    monkeypatch.setitem(sys.modules, "sam2", None)  # import sam2 -> ImportError, installed or not
+    (tmp_path / "sam2.1_hiera_large.pt").write_bytes(b"")
+    assert tool_kind(tmp_path / "sam2.1_hiera_large.pt", "sam2.1_hiera_l") == "sam2"
+    assert tool_kind(tmp_path / "sam_vit_h.pth", "vit_h") == "sam"
+    with pytest.raises(ImportError, match=r"grto\[sam2\]"):
+        load_tool(tmp_path / "sam2.1_hiera_large.pt", "sam2.1_hiera_l")
+    with pytest.raises(ValueError, match="expected a SAM preset .* or a SAM2 one"):
+        load_tool(tmp_path / "sam2.1_hiera_large.pt", "sam2.1_hiera_x")
+
+
+def _perturbed(model, seed=1, scale=0.3):
+    """Random init's masks are nearly flat: make the prompt path's weights matter."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in [*model.sam_prompt_encoder.parameters(), *model.sam_mask_decoder.parameters()]:
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def _reference(predictor, call: ToolCall) -> torch.Tensor:
+    """SAM2ImagePredictor.predict, single mask, logits kept: (H, W)."""
+    prompts = {}
+    if call.points:
+        prompts["point_coords"] = np.array(call.points, dtype=np.float32)
+        prompts["point_labels"] = np.ones(len(call.points), dtype=np.int64)
+    if call.box is not None:
+        prompts["box"] = np.array(call.box, dtype=np.float32)
+    masks, _, _ = predictor.predict(multimask_output=False, return_logits=True, **prompts)
+    return torch.from_numpy(masks[0])
+
+
+def _check_parity(tool, predictor, image, calls, size):
+    predictor.set_image(image)
+    embedding = tool.embed([image])
+    assert len(embedding.levels) == 3
+    with torch.no_grad():
+        logits = tool.decode(embedding, calls, size)  # (N, H, W)
+    assert logits.shape == (len(calls), *size)
+    for i, call in enumerate(calls):
+        if call is None:
+            assert torch.all(logits[i] == -20.0)  # an unparsable call: no mask
+            continue
+        reference = _reference(predictor, call)
+        assert reference.std() > 0.5, "a flat map would match anything"
+        assert float((logits[i] - reference).abs().max()) <= 1e-5, call
+    assert float((logits[0] - logits[1]).abs().max()) > 1e-3  # the point reaches the decoder
+    return logits
+
+
+@needs_sam2
+def test_decode_matches_sam2_image_predictor_on_an_official_format_checkpoint(tmp_path):
+    """SAM2.1 Hiera-T's real config, random init, written as Meta's .pt files are ({"model": ...}) and
+    read by both sides: Meta's build_sam2 + SAM2ImagePredictor, and grto's load_tool with the arch."""
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    torch.manual_seed(0)
+    model = _perturbed(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu"), scale=0.05)
+    torch.save({"model": model.state_dict()}, tmp_path / "sam2.1_hiera_tiny.pt")
+    reference = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(tmp_path / "sam2.1_hiera_tiny.pt"), device="cpu")
+    tool = load_tool(tmp_path / "sam2.1_hiera_tiny.pt", "sam2.1_hiera_t")
+    assert tool.kind == "sam2" and tool.model.image_size == 1024
+    for attr in ("dynamic_multimask_via_stability", "dynamic_multimask_stability_delta",
+                 "dynamic_multimask_stability_thresh"):  # build_sam2's post-processing, as its predictor
+        assert getattr(tool.model.sam_mask_decoder, attr) == getattr(reference.sam_mask_decoder, attr)
+    size = (300, 500)  # resized to 1024x1024: x by 1024/500, y by 1024/300
+    image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+    calls = [ToolCall(box=(50, 40, 300, 200), points=((100, 120),)), ToolCall(box=(50, 40, 300, 200)),
+             ToolCall(points=((200, 50), (60, 160))), None]
+    _check_parity(tool, SAM2ImagePredictor(reference), image, calls, size)
+
+
+@pytest.fixture(scope="module")
+def sam2_dir(tmp_path_factory):
+    """The tiny SAM2 (the package's own modules, small dims) saved as grto saves a "sam2" tool."""
+    pytest.importorskip("sam2")
+    from grto_cli.core.sam2_meta import Sam2Tool
+    from grto_cli.core.tiny import tiny_sam2
+
+    model, config = tiny_sam2(64, seed=0)
+    out = tmp_path_factory.mktemp("sam2_meta")
+    Sam2Tool(_perturbed(model), config).save(out)
+    return out
+
+
+def _image(seed=0, size=SIZE):
+    return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@needs_sam2
+def test_tiny_sam2_matches_the_predictor_too(sam2_dir):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    tool = load_tool(sam2_dir)
+    predictor = SAM2ImagePredictor(load_tool(sam2_dir).model)
+    predictor._bb_feat_sizes = [(16, 16), (8, 8), (4, 4)]  # the predictor assumes 1024 pixels; these are 64's
+    _check_parity(tool, predictor, _image(), CALLS, SIZE)
+    # the same with SAM2's stability fallback off: the single-mask token's own output
+    for model in (tool.model, predictor.model):
+        model.sam_mask_decoder.dynamic_multimask_via_stability = False
+    _check_parity(tool, predictor, _image(1), CALLS, SIZE)
+
+
+@needs_sam2
+def test_directories_kinds_and_configs(sam2_dir, tmp_path):
+    assert sorted(p.name for p in sam2_dir.iterdir()) == ["sam2.pt", "sam2.yaml", KIND_FILE]
+    assert tool_kind(sam2_dir) == "sam2"
+    tool = load_tool(sam2_dir)
+    # sam2.pt is Meta's format: the state dict under "model", as build_sam2 reads it
+    state = torch.load(sam2_dir / "sam2.pt", map_location="cpu", weights_only=True)["model"]
+    assert state.keys() == tool.model.state_dict().keys()
+    tool.save(tmp_path / "saved")
+    reloaded = load_tool(tmp_path / "saved")
+    a, b = tool.model.state_dict(), reloaded.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a bare file in Meta's format with the config as the arch
+    shutil.copy(sam2_dir / "sam2.pt", tmp_path / "bare.pt")
+    config = yaml.safe_load((sam2_dir / "sam2.yaml").read_text())
+    assert tool_kind(tmp_path / "bare.pt", config) == "sam2"
+    assert all(torch.equal(a[k], v) for k, v in load_tool(tmp_path / "bare.pt", config).model.state_dict().items())
+    # weights that do not fit the arch, a config that builds something outside the package
+    with pytest.raises(ValueError, match="do not fit the SAM2 arch"):
+        load_tool(tmp_path / "bare.pt", "sam2.1_hiera_t")
+    bad = tmp_path / "bad"
+    shutil.copytree(sam2_dir, bad)
+    config["model"]["image_encoder"]["trunk"]["_target_"] = "os.system"
+    (bad / "sam2.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="holds a 'sam2' tool, expected 'sam'"):
+        from grto_cli.core.tiny import tiny_sam_arch
+        from grto_cli.core.tool import SamTool, build_sam
+
+        SamTool(build_sam(tiny_sam_arch()), tiny_sam_arch()).load_weights(sam2_dir)
+    with pytest.raises(ValueError, match=r"bad/sam2.yaml: _target_ 'os.system' is outside"):
+        load_tool(bad)
+    shutil.copy(sam2_dir / "sam2.yaml", bad / "sam2.yaml")
+    torch.save(tool.model.state_dict(), bad / "sam2.pt")  # a bare state dict, not Meta's format
+    with pytest.raises(ValueError, match="not a SAM2 checkpoint in Meta's format"):
+        load_tool(bad)
+
+
+@needs_sam2
+def test_only_prompt_encoder_and_mask_decoder_train(sam2_dir):
+    tool = load_tool(sam2_dir)
+    tool.freeze_image_encoder()
+    trainable = {id(p) for p in tool.trainable_parameters()}
+    names = {n for n, p in tool.model.named_parameters() if id(p) in trainable}
+    assert names and all(n.startswith(("sam_prompt_encoder.", "sam_mask_decoder.")) for n in names)
+    assert not any(".conv_s0." in n or ".conv_s1." in n for n in names)  # inside the cached features
+    assert {n for n, p in tool.model.named_parameters() if p.requires_grad} == names
+    target = torch.zeros(SIZE, dtype=torch.bool)
+    target[10:30, 12:40] = True
+    tool.train()
+    loss, n_valid = tool_loss(tool, tool.embed([_image()]), [CALLS], [target])
+    loss.backward()
+    assert n_valid == 3
+    decoder = tool.model.sam_mask_decoder
+    for part in (tool.model.sam_prompt_encoder, decoder.transformer, decoder.output_upscaling):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert all(p.grad is None for n, p in tool.model.named_parameters() if id(p) not in trainable)
+    assert not tool.model.image_encoder.training and decoder.training
+
+
+# ----------------------------------------------------------------------- GRTO through the trainer
+
+
+@pytest.fixture(scope="module")
+def sam2_system(tiny_system, sam2_dir, tmp_path_factory):
+    """The tests' tiny system with the tiny SAM2 as its tool."""
+    out = tmp_path_factory.mktemp("sam2_meta_system")
+    shutil.copytree(tiny_system / "policy", out / "policy")
+    load_tool(sam2_dir).save(out / "tool")
+    return out
+
+
+def _trainer(system, synthetic_data, method="grto"):
+    policy, tool = load_system(system_paths(system), TEMPLATE)
+    assert tool.kind == "sam2"
+    train, _ = read_manifest(synthetic_data / "train.jsonl")
+    val, _ = read_manifest(synthetic_data / "val.jsonl")
+    cfg = RLConfig(method=method, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
+                   micro_batch=3, policy_lr=1e-3, tool_lr=1e-2)
+    return Trainer(cfg, policy, tool, train, val, synthetic_data)
+
+
+@needs_sam2
+def test_grto_tool_step_lowers_the_loss_and_leaves_the_image_encoder(sam2_system, synthetic_data):
+    trainer = _trainer(sam2_system, synthetic_data)
+    model = trainer.tool.model
+    frozen = {k: v for k, v in _state(model).items()
+              if k.startswith(("image_encoder.", "sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.",
+                               "no_mem_embed", "memory_"))}
+    batch = trainer.rollouts(0)
+    assert sum(c is not None for c in batch.calls) >= 2, "the tool step needs parsable calls"
+    advantages = torch.zeros(len(batch.calls))
+    losses = [trainer.tool_update(batch, advantages)["tool/loss"] for _ in range(6)]  # the same calls each time
+    assert losses[-1] < losses[0] - 1e-3, losses
+    after = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    start = _state(load_tool(sam2_system / "tool").model)
+    assert any(not torch.equal(v, start[k]) for k, v in after.items() if k.startswith("sam_mask_decoder."))
+
+
+@needs_sam2
+def test_grto_with_sam2_resumes_bit_identically(sam2_system, synthetic_data, tmp_path):
+    schedule = Schedule(steps=4, eval_every=0, checkpoint_every=2)
+    straight = _trainer(sam2_system, synthetic_data)
+    straight_metrics = []
+    straight.fit(schedule, RunDir(tmp_path / "a", {"run": 1}), lambda s, m: straight_metrics.append(m))
+
+    first = _trainer(sam2_system, synthetic_data)
+    run = RunDir(tmp_path / "b", {"run": 1})
+    run.open()
+    first.fit(Schedule(steps=2, eval_every=0, checkpoint_every=2), run)
+    assert tool_kind(run.last / "tool") == "sam2"
+    del first  # the process "dies" here
+
+    resumed = _trainer(sam2_system, synthetic_data)
+    resumed_metrics = []
+    resumed.fit(schedule, run, lambda s, m: resumed_metrics.append(m))
+    assert resumed.state.step == 4 and resumed.state.resumed_from == 2 and len(resumed_metrics) == 2
+    for a, b in zip(straight_metrics[2:], resumed_metrics):
+        a, b = ({k: v for k, v in m.items() if not k.startswith("perf/")} for m in (a, b))  # wall clock differs
+        assert a == b
+    st, rt = _state(straight.tool.model), _state(resumed.tool.model)
+    assert all(torch.equal(st[k], rt[k]) for k in st)
+    start = _state(load_tool(sam2_system / "tool").model)
+    assert any(not torch.equal(st[k], start[k]) for k in st)
+    save_system(straight.policy, straight.tool, tmp_path / "sys")
+    other = _trainer(sam2_system, synthetic_data)
+    load_system_weights(other.policy, other.tool, tmp_path / "sys")
+    assert all(torch.equal(v, st[k]) for k, v in _state(other.tool.model).items())
+
+
+# ------------------------------------------------- the embedded default with a tiny SAM2, via the CLI
+
+
+@needs_sam2
+def test_embedded_default_runs_b_grto_with_a_tiny_sam2(make_project):
+    """`--set pretrain.tool_kind=sam2` pretrains a tiny SAM2 (Meta's package) as the base's tool;
+    bootstrap, b-grto, export and predict then run it, and the bundle names its kind."""
+    from grto_cli.stages.export import predict
+
+    project = make_project("sam2_meta_project")
+    r = _cli(["pretrain", "--out", "models/sam2base", "--set", "pretrain.tool_kind=sam2",
+              "--set", "pretrain.sam.steps=3", "--set", "pretrain.sam.batch_size=2", "--set", "pretrain.sft.steps=1",
+              "--set", "pretrain.sft.batch_size=2", "--set", "pretrain.parallel=false"], project)
+    assert r.exit_code == 0, r.output
+    assert tool_kind(project / "models/sam2base/tool") == "sam2"
+    shutil.rmtree(project / "models/base/tool")
+    shutil.copytree(project / "models/sam2base/tool", project / "models/base/tool")
+    r = _cli(["bootstrap", "--set", "bootstrap.max_queries=4", "--set", "bootstrap.rollouts_per_query=4",
+              "--set", "bootstrap.steps=2", "--set", "bootstrap.batch_size=2"], project)
+    assert r.exit_code == 0, r.output
+    r = _cli(["train", "--method", "b-grto", "--steps", "2", "--set", "train.queries_per_step=2",
+              "--set", "train.sampling.group_size=4", "--set", "train.sampling.max_new_tokens=32",
+              "--set", "train.eval_every=0", "--set", "train.checkpoint_every=1", "--set", "train.micro_batch=4"],
+             project)
+    assert r.exit_code == 0, r.output
+    trained, boot = (load_tool(project / d / "tool") for d in ("models/trained", "models/bootstrap"))
+    assert trained.kind == "sam2"
+    assert any(not torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
+                                                     boot.model.state_dict().values())), "b-grto trained the tool"
+    r = _cli(["export", "--checkpoint", "models/trained", "--out", "bundles/sam2"], project)
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((project / "bundles/sam2/grto.yaml").read_text())["tool"]["kind"] == "sam2"
+    image = next((project / "data/prepared/synthetic").rglob("*.png"))
+    result = predict(str(project / "bundles/sam2"), str(image), "the red circle", str(project / "mask.png"), "cpu")
+    assert result["tool_kind"] == "sam2" and (project / "mask.png").is_file()

@@ -78,8 +78,9 @@ def test_decode_matches_transformers_processor_and_model(sam2_dir):
         reference = _reference_logits(tool, image, call)
         assert reference.std() > 1.0, "a flat map would match anything"
         assert float((logits[i] - reference).abs().max()) <= 1e-5, call
-    # the same with SAM2's stability fallback off: the single-mask token's own output, not a multimask one
-    tool.model.mask_decoder.dynamic_multimask_via_stability = False
+    # the same with SAM2's stability fallback on (the tiny one has it off: tiny_sam2_hf), as Meta's checkpoints
+    assert not tool.model.mask_decoder.dynamic_multimask_via_stability
+    tool.model.mask_decoder.dynamic_multimask_via_stability = True
     with torch.no_grad():
         single = tool.decode(embedding, CALLS[:1], SIZE)
     assert float((single[0] - _reference_logits(tool, image, CALLS[0])).abs().max()) <= 1e-5
@@ -174,7 +175,7 @@ def _trainer(system, synthetic_data, method="grto"):
     train, _ = read_manifest(synthetic_data / "train.jsonl")
     val, _ = read_manifest(synthetic_data / "val.jsonl")
     cfg = RLConfig(method=method, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
-                   micro_batch=3, policy_lr=1e-3, tool_lr=1e-2)
+                   micro_batch=3, policy_lr=1e-3, tool_lr=1e-3)
     return Trainer(cfg, policy, tool, train, val, synthetic_data)
 
 

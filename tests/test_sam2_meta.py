@@ -133,10 +133,11 @@ def test_tiny_sam2_matches_the_predictor_too(sam2_dir):
     tool = load_tool(sam2_dir)
     predictor = SAM2ImagePredictor(load_tool(sam2_dir).model)
     predictor._bb_feat_sizes = [(16, 16), (8, 8), (4, 4)]  # the predictor assumes 1024 pixels; these are 64's
+    assert not tool.model.sam_mask_decoder.dynamic_multimask_via_stability  # the tiny one's (tiny_sam2_config)
     _check_parity(tool, predictor, _image(), CALLS, SIZE)
-    # the same with SAM2's stability fallback off: the single-mask token's own output
+    # the same with SAM2's stability fallback on, as build_sam2 sets it for Meta's checkpoints
     for model in (tool.model, predictor.model):
-        model.sam_mask_decoder.dynamic_multimask_via_stability = False
+        model.sam_mask_decoder.dynamic_multimask_via_stability = True
     _check_parity(tool, predictor, _image(1), CALLS, SIZE)
 
 

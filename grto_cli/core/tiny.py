@@ -246,7 +246,9 @@ def tiny_sam2_config(image_size: int = 64) -> dict:
         "fixed_no_obj_ptr": True, "multimask_output_for_tracking": True, "use_multimask_token_for_obj_ptr": True,
         "multimask_min_pt_num": 0, "multimask_max_pt_num": 1, "use_mlp_for_obj_ptr_proj": True,
         "compile_image_encoder": False,
-        "sam_mask_decoder_extra_args": {"dynamic_multimask_via_stability": True,
+        # SAM2's stability fallback off: trained from scratch on single-mask outputs, the tiny one's three
+        # multimask tokens never train, and in eval the fallback would hand unstable masks to them
+        "sam_mask_decoder_extra_args": {"dynamic_multimask_via_stability": False,
                                         "dynamic_multimask_stability_delta": 0.05,
                                         "dynamic_multimask_stability_thresh": 0.98}}
     return {"model": model}
@@ -281,7 +283,8 @@ def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
             backbone_channel_list=[128, 64, 32, 16], backbone_feature_sizes=[[s, s], [s // 2, s // 2], [s // 4, s // 4]],
             fpn_hidden_size=32),
         prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=16, mask_input_channels=8),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32))
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32,
+                                 dynamic_multimask_via_stability=False))  # as tiny_sam2_config's, and why
     torch.manual_seed(seed)
     model = Sam2Model(config).eval()
     processor = Sam2Processor(Sam2ImageProcessor(size={"height": image_size, "width": image_size}))

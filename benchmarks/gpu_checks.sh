@@ -21,6 +21,9 @@
 #   bench_3b_lora, bench_3b_full, bench_7b_full   real_size_step.py's other rows
 #   profile_7b     generation_profile.py: ms per generated token, 7B, greedy / Gumbel / LoRA / checkpointing
 #   bench_3b_full_cold  the 3B full row without the warm-up step (its peak memory; a cold step's seconds)
+#   tool_cost      tool_cost.py: SAM ViT-H against SAM2.1 Hiera-L / B+ at 1024², encode seconds (bf16 autocast)
+#                  and peak memory (needs Meta's sam2: its sdist + hydra-core omegaconf antlr4-python3-runtime
+#                  iopath portalocker in .whl/, built here with SAM2_BUILD_CUDA=0 --no-build-isolation)
 #
 # Packages the machine lacks (grto's pins: transformers, peft, segment-anything, pycocotools, dvclive
 # and what it imports) travel as wheels in .whl/, downloaded beforehand on a machine with a registry:
@@ -88,6 +91,13 @@ run_item() {
       tail -c 1500 "$OUT/pipeline_7b.log"
       cp /tmp/pipeline_7b/train.log "$OUT/pipeline_7b_train.log" 2>/dev/null
       tail -c 1500 /tmp/pipeline_7b/train.log 2>/dev/null ;;
+    tool_cost)
+      echo "== tool_cost ($(date +%T))"
+      ls .whl/sam2-*.tar.gz >/dev/null 2>&1 && SAM2_BUILD_CUDA=0 python3 -m pip install -q --no-index --no-deps \
+        --no-build-isolation --target /tmp/site .whl/sam2-*.tar.gz
+      timeout 240 python3 benchmarks/tool_cost.py --tools vit_h sam2.1_hiera_l sam2.1_hiera_b+ >"$OUT/tool_cost.log" 2>&1
+      echo "exit $?" >>"$OUT/tool_cost.log"
+      grep -E "^tool=|skipped|^exit" "$OUT/tool_cost.log" ;;
     pytest_gpu)
       echo "== pytest_gpu ($(date +%T))"
       timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_tool.py tests/test_distributed.py \

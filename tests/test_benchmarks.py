@@ -122,3 +122,15 @@ def test_sampler_cost_smoke() -> None:
     assert result["benchmark"] == "sampler_cost" and len(result["results"]) == 1
     row = result["results"][0]
     assert row["rows"] == 4 and row["vocab"] == 1200 and row["generator_ms"] > 0 and row["counter_ms"] > 0
+
+
+def test_tool_cost_smoke() -> None:
+    """ViT-B (and SAM2.1 Hiera-T where the sam2 package is installed) at real size, random weights."""
+    result = _result(_run("--smoke", timeout=300, script=ROOT / "benchmarks" / "tool_cost.py"))
+    rows = {row["tool"]: row for row in result["rows"]}
+    vit_b = rows["vit_b"]
+    assert vit_b["cache_mib_per_image"] == 4.0  # fp32 256x64x64
+    assert 0 < vit_b["trainable_params_m"] < vit_b["image_encoder_params_m"] < vit_b["params_m"]
+    assert vit_b["encode_gflops"] > 100 * vit_b["decode_2_calls_gflops"] / 2 > 0  # encode once, decode per call
+    if "sam2.1_hiera_t" in rows:  # three levels: 32x256x256 + 64x128x128 + 256x64x64 fp32
+        assert rows["sam2.1_hiera_t"]["cache_mib_per_image"] == 16.0

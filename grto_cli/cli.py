@@ -49,13 +49,15 @@ def _run(stage_fn, *args, **kwargs):
 @app.command()
 def init(directory: str = typer.Argument(".", help="Project folder (made if absent)."),
          setting: str = typer.Option("synthetic", help="synthetic | refcocog | reasonseg | cod | earthreason"),
-         force: bool = typer.Option(False, "--force", help="Replace params.yaml and dvc.yaml if they are there.")):
+         force: bool = typer.Option(False, "--force", help="Replace params.yaml and dvc.yaml if they are there."),
+         tool: str = typer.Option("vit_h", help="A real setting's tool: vit_h (SAM ViT-H) | sam2.1_hiera_l "
+                                                "(SAM2.1 Hiera-L, grto[sam2]).")):
     """Start a project: params.yaml, dvc.yaml and .gitignore for one setting, git init + dvc init where absent.
 
     Run again in a project to refresh its record of where grto is installed (.grto/install.yaml)."""
     from grto_cli.stages import init as stage
 
-    _run(stage.run, directory, setting, force)
+    _run(stage.run, directory, setting, force, tool)
 
 
 @app.command()

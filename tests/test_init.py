@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 import grto_cli
 from grto_cli.cli import app
-from grto_cli.core.project import GITIGNORE, INSTALL_FILE, PACKAGE_VAR, SETTINGS, TEMPLATES, package_dir
+from grto_cli.core.project import (GITIGNORE, INSTALL_FILE, PACKAGE_VAR, SETTINGS, TEMPLATE_TOOLS, TEMPLATES,
+                                   package_dir)
 from grto_cli.stages import params as common
 from grto_cli.stages.console import console
 from grto_cli.stages.prepare import PrepareConfig
@@ -75,6 +76,45 @@ def test_init_inside_another_dvc_project_is_a_project_of_its_own(tmp_path):
 def test_init_refuses_an_unknown_setting(tmp_path):
     result = runner.invoke(app, ["init", str(tmp_path), "--setting", "coco"])
     assert result.exit_code == 2 and "coco" in result.output and "refcocog" in result.output
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def _swap(node, old, new):
+    """The template's params with every value ``old`` maps replaced by ``new``'s."""
+    if isinstance(node, dict):
+        return {k: _swap(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_swap(v, old, new) for v in node]
+    return {old.file: new.file, old.arch: new.arch}.get(node, node) if isinstance(node, str) else node
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s != "synthetic"])
+def test_init_with_sam2_points_every_stage_at_it_and_changes_nothing_else(tmp_path, setting):
+    """`--tool sam2.1_hiera_l`: Meta's SAM2.1-L file and arch in every stage that reads the tool and in
+    dvc.yaml's deps, the tool section sized for SAM2's three cached levels; nothing else differs."""
+    old, new = TEMPLATE_TOOLS["vit_h"], TEMPLATE_TOOLS["sam2.1_hiera_l"]
+    root = tmp_path / "demo"
+    _init(str(root), "--setting", setting, "--tool", "sam2.1_hiera_l")
+    text = {name: (root / name).read_text() for name in ("params.yaml", "dvc.yaml")}
+    template = {name: (TEMPLATES / setting / name).read_text() for name in text}
+    assert not any(s in t for t in text.values() for s in (old.file, "vit_h", "ViT-H"))
+    for name in text:
+        assert text[name].count(new.file) == template[name].count(old.file) > 0, name
+    params, expected = yaml.safe_load(text["params.yaml"]), _swap(yaml.safe_load(template["params.yaml"]), old, new)
+    assert params["tool"]["cache_bytes"] == 4 * 2**30 and params["tool"]["encode_batch"] == 8
+    expected["tool"] = params["tool"]
+    assert params == expected  # the same sections and values but the tool's
+    for section in ("evaluate", "bootstrap", "train"):
+        assert (params[section]["tool"], params[section]["tool_arch"]) == (new.file, "sam2.1_hiera_l"), section
+    proc = _dvc(root, "stage", "list", "--fail", "--name-only")
+    assert proc.returncode == 0 and "train" in proc.stdout.split(), proc.stderr
+
+
+def test_init_refuses_a_tool_for_the_embedded_default_and_an_unknown_one(tmp_path):
+    result = runner.invoke(app, ["init", str(tmp_path), "--tool", "sam2.1_hiera_l"])
+    assert result.exit_code == 2 and "pretrain.tool_kind" in result.output
+    result = runner.invoke(app, ["init", str(tmp_path), "--setting", "cod", "--tool", "vit_x"])
+    assert result.exit_code == 2 and "vit_x" in result.output and "sam2.1_hiera_l" in result.output
     assert not (tmp_path / "params.yaml").exists()
 
 

@@ -11,6 +11,8 @@ overwrites one that is there unless told to.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import grto_cli
@@ -25,6 +27,58 @@ PACKAGE_VAR = "grto_package"
 VERSION_DEP = f"${{{PACKAGE_VAR}}}/__init__.py"  # a template stage's code dependency
 # Pipeline outputs are DVC's, not git's (DVC adds each cached output too; these cover the rest).
 GITIGNORE = ("/data/", "/models/", "/results/", "/rollouts/", "/checkpoints/", "/bundles/", "/raw/", "/.grto/")
+
+
+@dataclass(frozen=True)
+class TemplateTool:
+    """A real tool the real settings' templates can run: Meta's official file under checkpoints/,
+    its tool arch, its name in the comments, and the ``tool:`` section sized for it (None: the
+    templates' own, written for ViT-H)."""
+
+    file: str
+    arch: str
+    name: str
+    section: str | None = None
+
+
+# The templates are written for ViT-H; `grto init --tool` swaps in another (docs/pipelines.md,
+# "Choosing the tool", gives each one's encode cost and memory).
+TEMPLATE_TOOLS = {
+    "vit_h": TemplateTool("checkpoints/sam_vit_h_4b8939.pth", "vit_h", "SAM ViT-H"),
+    "sam2.1_hiera_l": TemplateTool(
+        "checkpoints/sam2.1_hiera_large.pt", "sam2.1_hiera_l", "SAM2.1 Hiera-L",
+        "tool:                         # SAM2.1 Hiera-L's image encoder (Meta's sam2 package: pip install 'grto[sam2]')\n"
+        "  encode_batch: 8             # images per encoder pass: Hiera-L encodes a 1024² image in ~1.6 TFLOP, a\n"
+        "                              # quarter of SAM's largest (benchmarks/tool_cost.py); lower it on a small GPU\n"
+        "  cache_bytes: 4294967296     # CPU memory for cached features: 4 GiB = 256 images at 16 MiB each (fp32\n"
+        "                              # 32x256x256 + 64x128x128 + 256x64x64: SAM2's decoder reads all three levels);\n"
+        "                              # they never stay on the GPU. Raise it when RAM allows: train revisits its images\n"
+        "  cache_dir: null             # also keep the features on disk here (null: memory only)\n"),
+}
+DEFAULT_TEMPLATE_TOOL = "vit_h"
+
+
+def _aligned(match: re.Match, new: str) -> str:
+    """``new`` in place of the match's value, keeping the column of the comment after it."""
+    return new + " " * max(1, len(match.group(0)) - len(new)) if match.group(0).endswith(" ") else new
+
+
+def with_tool(text: str, tool: str) -> str:
+    """A real setting's template text with ``tool`` in place of ViT-H: the checkpoint file every stage
+    reads and depends on, the tool arch, the comments' name and the ``tool:`` section."""
+    if tool not in TEMPLATE_TOOLS:
+        raise ValueError(f"unknown template tool {tool!r}; expected one of {', '.join(TEMPLATE_TOOLS)}")
+    old, new = TEMPLATE_TOOLS[DEFAULT_TEMPLATE_TOOL], TEMPLATE_TOOLS[tool]
+    if new == old:
+        return text
+    text = re.sub(re.escape(old.file) + " *", lambda m: _aligned(m, new.file), text)
+    text = re.sub(rf"tool_arch: {re.escape(old.arch)}\b *", lambda m: _aligned(m, f"tool_arch: {new.arch}"), text)
+    text = text.replace(old.name, new.name).replace(old.name.removeprefix("SAM "), new.name.removeprefix("SAM "))
+    if new.section is not None:
+        text, n = re.subn(r"(?m)^tool:.*\n(?:(?: .*)?\n)*?(?=\n|\Z)", lambda m: new.section, text, count=1)
+        if n != 1 and "stages:" not in text:  # params.yaml has one; dvc.yaml none
+            raise ValueError(f"a template's params.yaml has no top-level tool: section to size for {new.name}")
+    return text
 
 
 def template_dir(setting: str) -> Path:
@@ -51,13 +105,18 @@ def install_record() -> str:
             f"{PACKAGE_VAR}: {package_dir()}\n")
 
 
-def write_project(root: Path, setting: str, force: bool = False) -> dict[str, str]:
-    """Write the setting's project files into ``root``; file -> what happened to it."""
+def write_project(root: Path, setting: str, force: bool = False,
+                  tool: str = DEFAULT_TEMPLATE_TOOL) -> dict[str, str]:
+    """Write the setting's project files into ``root`` (a real setting's with ``tool``,
+    ``TEMPLATE_TOOLS``); file -> what happened to it."""
     source = template_dir(setting)
+    if tool != DEFAULT_TEMPLATE_TOOL and setting == DEFAULT_SETTING:
+        raise ValueError(f"--tool {tool}: the {DEFAULT_SETTING} setting trains its own tiny tool; choose its kind with "
+                         f"--set pretrain.tool_kind=sam2 (or sam2-hf) instead")
     root.mkdir(parents=True, exist_ok=True)
     done: dict[str, str] = {}
     for name in TEMPLATE_FILES:
-        target, text = root / name, (source / name).read_text()
+        target, text = root / name, with_tool((source / name).read_text(), tool)
         if target.exists() and not force:
             done[name] = "kept (same as the template)" if target.read_text() == text else "kept (yours; --force replaces it)"
             continue

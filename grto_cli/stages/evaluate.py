@@ -28,7 +28,7 @@ class EvaluateConfig:
     checkpoint: str | None = "models/base"
     policy: str | None = None  # path or hub id; overrides <checkpoint>/policy
     tool: str | None = None  # SAM file or dir; overrides <checkpoint>/tool
-    tool_arch: str | None = None  # vit_b | vit_l | vit_h for Meta's bare .pth files
+    tool_arch: str | None = None  # Meta's bare files: vit_b|vit_l|vit_h (SAM), sam2{,.1}_hiera_{t,s,b+,l} (SAM2)
     out: str | None = None  # metrics JSON; default results/<checkpoint name>/<split>/metrics.json
     batch_size: int = 32
     max_new_tokens: int = 48

@@ -3,13 +3,14 @@ shipped inside the package; `git init` and `dvc init` where the folder has neith
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from grto_cli.core.config import check_choice
-from grto_cli.core.project import SETTINGS, write_project
+from grto_cli.core.project import DEFAULT_TEMPLATE_TOOL, SETTINGS, TEMPLATE_TOOLS, write_project
 from grto_cli.stages.console import console, summary_table
 from grto_cli.stages.params import ConfigError
 
@@ -32,15 +33,16 @@ def _call(cmd: list[str], root: Path) -> None:
         raise ConfigError(f"`{' '.join(cmd)}` failed in {root}:\n{proc.stdout}{proc.stderr}")
 
 
-def run(directory: str, setting: str, force: bool = False) -> dict[str, str]:
+def run(directory: str, setting: str, force: bool = False, tool: str = DEFAULT_TEMPLATE_TOOL) -> dict[str, str]:
+    root = Path(directory).resolve()
     try:
         check_choice("--setting", setting, SETTINGS)
+        check_choice("--tool", tool, tuple(TEMPLATE_TOOLS))
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"init: {root} exists and is not a folder")
+        done = write_project(root, setting, force=force, tool=tool)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    root = Path(directory).resolve()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"init: {root} exists and is not a folder")
-    done = write_project(root, setting, force=force)
     git_root = _git_root(root)
     if git_root is None:
         if shutil.which("git") is None:
@@ -60,6 +62,11 @@ def run(directory: str, setting: str, force: bool = False) -> dict[str, str]:
             cmd.append("--no-scm")
         _call(cmd, root)
         done["dvc"] = " ".join(["dvc init"] + cmd[5:])
+    if tool != DEFAULT_TEMPLATE_TOOL:
+        done["tool"] = f"{TEMPLATE_TOOLS[tool].name}: {TEMPLATE_TOOLS[tool].file} (tool_arch {tool})"
+        if tool.startswith("sam2") and importlib.util.find_spec("sam2") is None:
+            console.print(f"[yellow]note:[/yellow] {TEMPLATE_TOOLS[tool].name} runs through Meta's sam2 package, "
+                          f"not installed here: pip install 'grto[sam2]'")
     summary_table(f"grto init ({setting})", done)
     console.print(f"next: cd {directory} && dvc repro" + ("" if setting == "synthetic" else
                   "   (first fill in params.yaml's raw: paths and the checkpoints; see its comments)"))

@@ -38,7 +38,7 @@ class TrainConfig:
     bootstrap: str = "models/bootstrap"  # b-grto starts from <bootstrap>/tool
     policy: str | None = None  # explicit initial policy (path or hub id), overrides <base>/policy
     tool: str | None = None  # explicit initial tool file/dir, overrides <base>/tool (grpo, grto)
-    tool_arch: str | None = None  # vit_b | vit_l | vit_h for Meta's bare .pth files
+    tool_arch: str | None = None  # Meta's bare files: vit_b|vit_l|vit_h (SAM), sam2{,.1}_hiera_{t,s,b+,l} (SAM2)
     out: str = "models/trained"  # the best-on-val system
     last_out: str | None = None  # also the last step's system here (the study evaluates both); null: not written
     checkpoints: str = "checkpoints/train"  # <run id>/last (resume) and <run id>/best

@@ -41,8 +41,8 @@ class TemplateTool:
     section: str | None = None
 
 
-# The templates are written for ViT-H; `grto init --tool` swaps in another (docs/pipelines.md,
-# "Choosing the tool", gives each one's encode cost and memory).
+# The templates are written for ViT-H; `grto init --tool` swaps in another (docs/pipelines.md, "The
+# tool", gives each one's encode cost and memory).
 TEMPLATE_TOOLS = {
     "vit_h": TemplateTool("checkpoints/sam_vit_h_4b8939.pth", "vit_h", "SAM ViT-H"),
     "sam2.1_hiera_l": TemplateTool(

@@ -56,6 +56,10 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: the environment below is set first
+    from grto_cli.core.rollout import RolloutBatch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads: every model is built from a config
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -4,6 +4,8 @@
 # recipe (pretrain.sam: 1,200 steps on ground-truth prompts), the same B-GRTO bootstrap and RL budget.
 #
 #   bash benchmarks/sam2_default.sh            # in a project where `dvc repro` has run (needs grto[sam2])
+#   SAM2_WARMUP_STEPS=4800 bash benchmarks/sam2_default.sh   # the tiny SAM2 needs ~2,800 steps to leave
+#                                                            # the plateau the tiny SAM leaves at ~250 (README)
 #
 # Writes models/{base,bootstrap,trained}_sam2 and results/{base,trained}_sam2/<split>/metrics.json; the
 # SAM rows to compare with are results/{base,trained}/<split>/metrics.json from `dvc repro`.
@@ -13,6 +15,7 @@ python -c "import sam2" 2>/dev/null || { echo "needs Meta's sam2 package: pip in
 
 # 1. the tiny SAM2's warm-up (the policy's is skipped: the base policy is reused as is)
 grto pretrain --out models/base_sam2_warmup --set pretrain.tool_kind=sam2 --set pretrain.shipped=false \
+  --set pretrain.sam.steps="${SAM2_WARMUP_STEPS:-1200}" \
   --set pretrain.sft.steps=0 --set pretrain.parallel=false --set pretrain.live=results/pretrain_sam2
 rm -rf models/base_sam2 && mkdir -p models/base_sam2
 cp -r models/base/policy models/base_sam2/policy

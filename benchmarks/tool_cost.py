@@ -80,12 +80,12 @@ def measure(name: str, calls: int, timed: bool, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            tool._encode([image])  # warm-up
+            tool.embed([image])  # warm-up
             sync()
             start = time.perf_counter()
             repeats = 5 if device.type == "cuda" else 1
             for _ in range(repeats):
-                tool._encode([image])
+                tool.embed([image])
             sync()
         row["encode_seconds"] = round((time.perf_counter() - start) / repeats, 3)
         row["device"] = device.type

@@ -224,12 +224,8 @@ class Sam2Tool:
     def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> FeatureLevels:
         """Frozen image features (``FeatureLevels``: (B, C0, 4h, 4w), (B, C1, 2h, 2w), (B, C, h, w)) on
         the tool's device (``tool.embed_cached``), encoded under bf16 autocast on CUDA."""
-        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device, self._encode)
-
-    def _encode(self, images: list[np.ndarray]) -> FeatureLevels:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            levels = self.encode_trainable(images).levels
-        return FeatureLevels(tuple(level.float() for level in levels))
+        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device,
+                            self.encode_trainable)
 
     def encode_trainable(self, images: Sequence[np.ndarray]) -> FeatureLevels:
         """``set_image``'s features without its no_grad (pretraining a tiny SAM2 from scratch)."""

@@ -133,11 +133,8 @@ class SamHfTool:
     def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
         """Frozen image-encoder embeddings (B, C, h, w) on the tool's device (``tool.embed_cached``),
         encoded under bf16 autocast on CUDA."""
-        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device, self._encode)
-
-    def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.encode_trainable(images).float()  # (b, C, h, w)
+        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device,
+                            self.encode_trainable)
 
     def encode_trainable(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``SamModel.get_image_embeddings`` without its no_grad (pretraining a tiny SAM from scratch)."""

@@ -175,6 +175,9 @@ class FeatureLevels:
     def detach(self) -> "FeatureLevels":
         return FeatureLevels(tuple(level.detach() for level in self.levels))
 
+    def float(self) -> "FeatureLevels":
+        return FeatureLevels(tuple(level.float() for level in self.levels))
+
     @property
     def nbytes(self) -> int:
         return sum(_nbytes(level) for level in self.levels)
@@ -311,8 +314,9 @@ def embed_cached(images: Sequence[np.ndarray], keys: Sequence[str] | None, cache
                  encode_batch: int, device: torch.device,
                  encode: Callable[[list[np.ndarray]], Embeddings]) -> Embeddings:
     """The embedding loop every kind shares: keyed images are read from the cache when there; every
-    other distinct image (by key, else by its pixels) goes through ``encode`` once, in chunks of
-    ``encode_batch`` images; the result is on ``device``, one entry per image in order."""
+    other distinct image (by key, else by its pixels) goes through ``encode`` (a kind's
+    ``encode_trainable``) once, in chunks of ``encode_batch`` images, under bf16 autocast on CUDA,
+    kept in float32; the result is on ``device``, one entry per image in order."""
     keys = list(keys) if keys is not None else [None] * len(images)
     ids = [k if k else _content_key(im) for k, im in zip(keys, images)]
     found: dict[str, Embeddings] = {}
@@ -329,7 +333,9 @@ def embed_cached(images: Sequence[np.ndarray], keys: Sequence[str] | None, cache
             found[ident] = cached
     for start in range(0, len(todo), encode_batch):
         chunk = todo[start:start + encode_batch]
-        fresh = encode([images[i] for i in chunk])  # (b, ...)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            fresh = encode([images[i] for i in chunk])  # (b, ...)
+        fresh = fresh.float()
         for j, i in enumerate(chunk):
             emb = fresh[j:j + 1]
             found[ids[i]] = emb
@@ -419,14 +425,11 @@ class SamTool:
     def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
         """Frozen image-encoder embeddings (B, C, h, w) on the tool's device (``embed_cached``),
         encoded under bf16 autocast on CUDA."""
-        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device, self._encode)
+        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device,
+                            self.encode_trainable)
 
     def encode_trainable(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return self.sam.image_encoder(torch.cat([self.preprocess(im) for im in images]))  # (b, C, h, w)
-
-    def _encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.encode_trainable(images).float()  # (b, C, h, w)
 
     def decode(self, embedding: torch.Tensor, calls: Sequence[ToolCall | None],
                original_size: tuple[int, int]) -> torch.Tensor:

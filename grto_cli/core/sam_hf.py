@@ -24,120 +24,40 @@ as a fixed buffer; kind "sam" cannot train it.)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from grto_cli.core.answer import ToolCall
-from grto_cli.core.tool import DEFAULT_ENCODE_BATCH, EmbeddingCache, decode_grouped, embed_cached
+from grto_cli.core.hf_tool import HfTool
+from grto_cli.core.tool import DEFAULT_ENCODE_BATCH, EmbeddingCache, decode_grouped
 
 
-def _transformers_sam():
-    try:
-        from transformers import SamImageProcessor, SamModel, SamProcessor
-    except ImportError as exc:  # transformers older than SAM's port
-        raise ImportError("the sam-hf tool needs transformers with SamModel (transformers >= 4.29); "
-                          f"this one has none: {exc}") from None
-    return SamModel, SamProcessor, SamImageProcessor
-
-
-def processor_for(model, directory: str | Path | None = None):
-    """The directory's saved ``SamProcessor``, else the default one at the model's image size."""
-    SamModel, SamProcessor, SamImageProcessor = _transformers_sam()
-    if directory is not None and any((Path(directory) / f).is_file()
-                                     for f in ("processor_config.json", "preprocessor_config.json")):
-        return SamProcessor.from_pretrained(str(directory))
-    size = model.config.prompt_encoder_config.image_size
-    return SamProcessor(SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}))
-
-
-def load_sam_hf(directory: str | Path, device: str | torch.device = "cpu", cache: EmbeddingCache | None = None,
-                encode_batch: int = DEFAULT_ENCODE_BATCH) -> "SamHfTool":
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"Hugging Face SAM directory not found: {directory}/config.json is missing "
-                                f"(expected a SamModel save_pretrained directory)")
-    SamModel, _, _ = _transformers_sam()
-    model = SamModel.from_pretrained(str(directory), dtype=torch.float32)
-    return SamHfTool(model.to(device).eval(), processor_for(model, directory), cache, encode_batch)
-
-
-class SamHfTool:
+class SamHfTool(HfTool):
     """Kind "sam-hf": batched, differentiable decoding of parsed tool calls with a transformers SamModel."""
 
     kind = "sam-hf"
+    label = "SAM"
+    classes = ("SamModel", "SamProcessor", "SamImageProcessor")
+    min_transformers = "4.29"
 
-    def __init__(self, model, processor, cache: EmbeddingCache | None = None,
-                 encode_batch: int = DEFAULT_ENCODE_BATCH):
-        if encode_batch < 1:
-            raise ValueError(f"encode_batch must be at least 1, got {encode_batch}")
-        self.model = model
-        self.processor = processor
-        self.embedding_cache = cache if cache is not None else EmbeddingCache()
-        self.encode_batch = encode_batch
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.model
+    @classmethod
+    def default_processor(cls, model):
+        _, SamProcessor, SamImageProcessor = cls.transformers_classes()
+        size = model.config.prompt_encoder_config.image_size
+        return SamProcessor(SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The prompt encoder's (with the tied ``shared_image_embedding``) and the mask decoder's."""
         return list(self.model.prompt_encoder.parameters()) + list(self.model.mask_decoder.parameters())
 
-    def freeze_image_encoder(self) -> None:
-        self.model.vision_encoder.requires_grad_(False)
-        self.model.vision_encoder.eval()
+    def frozen_parts(self) -> list[torch.nn.Module]:
+        return [self.model.vision_encoder]
 
-    def freeze(self) -> None:
-        self.model.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "SamHfTool":
-        self.model.prompt_encoder.train(mode)
-        self.model.mask_decoder.train(mode)
-        self.model.vision_encoder.eval()
-        return self
-
-    def save(self, directory: str | Path) -> Path:
-        """The model + processor (``save_pretrained``) and ``tool.yaml`` (kind: sam-hf)."""
-        from grto_cli.core.tool_kinds import write_kind
-
-        directory = Path(directory)
-        self.model.save_pretrained(str(directory))
-        self.processor.save_pretrained(str(directory))
-        write_kind(directory, self.kind)
-        return directory
-
-    def load_weights(self, directory: str | Path) -> None:
-        from grto_cli.core.tool_kinds import check_kind
-
-        check_kind(directory, self.kind)
-        SamModel, _, _ = _transformers_sam()
-        saved = SamModel.from_pretrained(str(directory), dtype=torch.float32)
-        self.model.load_state_dict(saved.state_dict())
-
-    # -- images ----------------------------------------------------------------------------------
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Pixel values (b, 3, S, S) exactly as the processor makes them (resized, normalised, padded)."""
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device)
-
-    @torch.no_grad()
-    def embed(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> torch.Tensor:
-        """Frozen image-encoder embeddings (B, C, h, w) on the tool's device (``tool.embed_cached``),
-        encoded under bf16 autocast on CUDA."""
-        return embed_cached(images, keys, self.embedding_cache, self.encode_batch, self.device,
-                            self.encode_trainable)
-
-    def encode_trainable(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``SamModel.get_image_embeddings`` without its no_grad (pretraining a tiny SAM from scratch)."""
+    def encode_trainable(self, images) -> torch.Tensor:
+        """``SamModel.get_image_embeddings`` without its no_grad (pretraining a tiny SAM from scratch):
+        the vision encoder's (b, C, h, w) output, from pixels resized, normalised and padded."""
         return self.model.vision_encoder(self.preprocess(images)).last_hidden_state  # (b, C, h, w)
 
     # -- calls -----------------------------------------------------------------------------------
@@ -186,3 +106,8 @@ class SamHfTool:
         padded = F.interpolate(low_res[0], (pad["height"], pad["width"]), mode="bilinear", align_corners=False)
         resized = padded[..., :new_h, :new_w]  # (n, 1, new_h, new_w): the padding cropped off
         return F.interpolate(resized, original_size, mode="bilinear", align_corners=False)[:, 0]  # (n, H, W)
+
+
+def load_sam_hf(directory, device: str | torch.device = "cpu", cache: EmbeddingCache | None = None,
+                encode_batch: int = DEFAULT_ENCODE_BATCH) -> SamHfTool:
+    return SamHfTool.load(directory, device, cache, encode_batch)

@@ -268,7 +268,9 @@ def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
     """A random-init transformers ``Sam2Model`` at small dims (Hiera 16-128 channels over 5 blocks,
     32-channel FPN, prompt encoder and mask decoder) + its ``Sam2Processor`` resizing to
     ``image_size`` (a multiple of 64): the "sam2-hf" tool kind in tests. Returns (model, processor)."""
-    from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model, Sam2Processor
+    from transformers import Sam2Config, Sam2Model
+
+    from grto_cli.core.sam2_hf import Sam2HfTool
 
     if image_size % 64:
         raise ValueError(f"the tiny SAM2's image_size must be a multiple of 64, got {image_size}")
@@ -287,8 +289,7 @@ def tiny_sam2_hf(image_size: int = 64, seed: int = 0):
                                  dynamic_multimask_via_stability=False))  # as tiny_sam2_config's, and why
     torch.manual_seed(seed)
     model = Sam2Model(config).eval()
-    processor = Sam2Processor(Sam2ImageProcessor(size={"height": image_size, "width": image_size}))
-    return model, processor
+    return model, Sam2HfTool.default_processor(model)
 
 
 def tiny_sam_hf(image_size: int = 64, seed: int = 0):
@@ -296,7 +297,9 @@ def tiny_sam_hf(image_size: int = 64, seed: int = 0):
     is 16x16, a 32-channel prompt encoder and mask decoder) + its ``SamProcessor`` resizing the
     longest side to ``image_size`` and padding to that square: the "sam-hf" tool kind in tests.
     Returns (model, processor)."""
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers import SamConfig, SamModel
+
+    from grto_cli.core.sam_hf import SamHfTool
 
     if image_size % 16:
         raise ValueError(f"the tiny SAM's image_size must be a multiple of 16, got {image_size}")
@@ -309,6 +312,4 @@ def tiny_sam_hf(image_size: int = 64, seed: int = 0):
         mask_decoder_config=dict(hidden_size=width, mlp_dim=128, num_attention_heads=2, iou_head_hidden_dim=32))
     torch.manual_seed(seed)
     model = SamModel(config).eval()
-    processor = SamProcessor(SamImageProcessor(size={"longest_edge": image_size},
-                                               pad_size={"height": image_size, "width": image_size}))
-    return model, processor
+    return model, SamHfTool.default_processor(model)

@@ -134,3 +134,20 @@ def test_tool_cost_smoke() -> None:
     assert vit_b["encode_gflops"] > 100 * vit_b["decode_2_calls_gflops"] / 2 > 0  # encode once, decode per call
     if "sam2.1_hiera_t" in rows:  # three levels: 32x256x256 + 64x128x128 + 256x64x64 fp32
         assert rows["sam2.1_hiera_t"]["cache_mib_per_image"] == 16.0
+
+
+def test_rl_headroom_smoke(tmp_path, tiny_system, synthetic_data) -> None:
+    """Greedy against sampled answers on a few val queries: the counts add up and every share is one."""
+    from conftest import TINY_SYSTEM_TEMPLATE
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f'policy: {{prompt_template: "{TINY_SYSTEM_TEMPLATE}", coord_convention: absolute}}\n')
+    result = _result(_run("--system", str(tiny_system), "--data", str(synthetic_data), "--split", "val",
+                          "--limit", "6", "--group-size", "4", "--batch", "4", "--params", str(params),
+                          timeout=300, script=ROOT / "benchmarks" / "rl_headroom.py"))
+    assert result["queries"] == 6 and result["group_size"] == 4
+    assert sum(k["queries"] for k in result["by_kind"].values()) == 6
+    assert result["greedy_misses"] == sum(k["greedy_misses"] for k in result["by_kind"].values())
+    assert round((1 - result["greedy_point_in_target"]) * 6) == result["greedy_misses"]  # one point per call
+    for key in ("greedy_point_in_target", "sampled_point_in_target", "pass_at_g", "greedy_box_iou", "sampled_box_iou"):
+        assert 0.0 <= result[key] <= 1.0, key

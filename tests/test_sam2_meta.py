@@ -1,6 +1,6 @@
 """The "sam2" tool kind (Meta's sam2 package, the optional extra grto[sam2]) behind the Tool interface:
 parity with SAM2ImagePredictor on a checkpoint in Meta's official format, loading by kind and arch,
-and GRTO training it (the trainer's tool step; a killed run resumes bit for bit).
+and what trains (GRTO through the trainer, resume and the CLI: tests/test_tool_kinds_training.py).
 
 Every test but the first skips where the sam2 package is not installed (CI installs `.[dev]` only)."""
 
@@ -14,17 +14,11 @@ import torch
 import yaml
 
 from grto_cli.core.answer import ToolCall
-from grto_cli.core.checkpoint import RunDir, load_system, load_system_weights, save_system, system_paths
-from grto_cli.core.data.records import read_manifest
 from grto_cli.core.grto import tool_loss
-from grto_cli.core.rollout import SamplingParams
 from grto_cli.core.tool_kinds import KIND_FILE, load_tool, tool_kind
-from grto_cli.core.trainer import RLConfig, Schedule, Trainer
-from test_train_cli import _cli
 
 needs_sam2 = pytest.mark.skipif(importlib.util.find_spec("sam2") is None,
                                 reason="Meta's sam2 package is not installed (grto[sam2])")
-TEMPLATE = "Locate: {query}."
 # Non-square: SAM2's transforms squash it to the model's square (x by S/W, y by S/H).
 SIZE = (48, 80)
 CALLS = [ToolCall(box=(10, 8, 60, 40), points=((20, 30),)), ToolCall(box=(5, 20, 70, 44)),
@@ -198,111 +192,3 @@ def test_only_prompt_encoder_and_mask_decoder_train(sam2_dir):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert all(p.grad is None for n, p in tool.model.named_parameters() if id(p) not in trainable)
     assert not tool.model.image_encoder.training and decoder.training
-
-
-# ----------------------------------------------------------------------- GRTO through the trainer
-
-
-@pytest.fixture(scope="module")
-def sam2_system(tiny_system, sam2_dir, tmp_path_factory):
-    """The tests' tiny system with the tiny SAM2 as its tool."""
-    out = tmp_path_factory.mktemp("sam2_meta_system")
-    shutil.copytree(tiny_system / "policy", out / "policy")
-    load_tool(sam2_dir).save(out / "tool")
-    return out
-
-
-def _trainer(system, synthetic_data, method="grto"):
-    policy, tool = load_system(system_paths(system), TEMPLATE)
-    assert tool.kind == "sam2"
-    train, _ = read_manifest(synthetic_data / "train.jsonl")
-    val, _ = read_manifest(synthetic_data / "val.jsonl")
-    cfg = RLConfig(method=method, queries_per_step=2, sampling=SamplingParams(group_size=4, max_new_tokens=32),
-                   micro_batch=3, policy_lr=1e-3, tool_lr=1e-2)
-    return Trainer(cfg, policy, tool, train, val, synthetic_data)
-
-
-@needs_sam2
-def test_grto_tool_step_lowers_the_loss_and_leaves_the_image_encoder(sam2_system, synthetic_data):
-    trainer = _trainer(sam2_system, synthetic_data)
-    model = trainer.tool.model
-    frozen = {k: v for k, v in _state(model).items()
-              if k.startswith(("image_encoder.", "sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.",
-                               "no_mem_embed", "memory_"))}
-    batch = trainer.rollouts(0)
-    assert sum(c is not None for c in batch.calls) >= 2, "the tool step needs parsable calls"
-    advantages = torch.zeros(len(batch.calls))
-    losses = [trainer.tool_update(batch, advantages)["tool/loss"] for _ in range(6)]  # the same calls each time
-    assert losses[-1] < losses[0] - 1e-3, losses
-    after = _state(model)
-    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
-    start = _state(load_tool(sam2_system / "tool").model)
-    assert any(not torch.equal(v, start[k]) for k, v in after.items() if k.startswith("sam_mask_decoder."))
-
-
-@needs_sam2
-def test_grto_with_sam2_resumes_bit_identically(sam2_system, synthetic_data, tmp_path):
-    schedule = Schedule(steps=4, eval_every=0, checkpoint_every=2)
-    straight = _trainer(sam2_system, synthetic_data)
-    straight_metrics = []
-    straight.fit(schedule, RunDir(tmp_path / "a", {"run": 1}), lambda s, m: straight_metrics.append(m))
-
-    first = _trainer(sam2_system, synthetic_data)
-    run = RunDir(tmp_path / "b", {"run": 1})
-    run.open()
-    first.fit(Schedule(steps=2, eval_every=0, checkpoint_every=2), run)
-    assert tool_kind(run.last / "tool") == "sam2"
-    del first  # the process "dies" here
-
-    resumed = _trainer(sam2_system, synthetic_data)
-    resumed_metrics = []
-    resumed.fit(schedule, run, lambda s, m: resumed_metrics.append(m))
-    assert resumed.state.step == 4 and resumed.state.resumed_from == 2 and len(resumed_metrics) == 2
-    for a, b in zip(straight_metrics[2:], resumed_metrics):
-        a, b = ({k: v for k, v in m.items() if not k.startswith("perf/")} for m in (a, b))  # wall clock differs
-        assert a == b
-    st, rt = _state(straight.tool.model), _state(resumed.tool.model)
-    assert all(torch.equal(st[k], rt[k]) for k in st)
-    start = _state(load_tool(sam2_system / "tool").model)
-    assert any(not torch.equal(st[k], start[k]) for k in st)
-    save_system(straight.policy, straight.tool, tmp_path / "sys")
-    other = _trainer(sam2_system, synthetic_data)
-    load_system_weights(other.policy, other.tool, tmp_path / "sys")
-    assert all(torch.equal(v, st[k]) for k, v in _state(other.tool.model).items())
-
-
-# ------------------------------------------------- the embedded default with a tiny SAM2, via the CLI
-
-
-@needs_sam2
-def test_embedded_default_runs_b_grto_with_a_tiny_sam2(make_project):
-    """`--set pretrain.tool_kind=sam2` pretrains a tiny SAM2 (Meta's package) as the base's tool;
-    bootstrap, b-grto, export and predict then run it, and the bundle names its kind."""
-    from grto_cli.stages.export import predict
-
-    project = make_project("sam2_meta_project")
-    r = _cli(["pretrain", "--out", "models/sam2base", "--set", "pretrain.tool_kind=sam2",
-              "--set", "pretrain.sam.steps=3", "--set", "pretrain.sam.batch_size=2", "--set", "pretrain.sft.steps=1",
-              "--set", "pretrain.sft.batch_size=2", "--set", "pretrain.parallel=false"], project)
-    assert r.exit_code == 0, r.output
-    assert tool_kind(project / "models/sam2base/tool") == "sam2"
-    shutil.rmtree(project / "models/base/tool")
-    shutil.copytree(project / "models/sam2base/tool", project / "models/base/tool")
-    r = _cli(["bootstrap", "--set", "bootstrap.max_queries=4", "--set", "bootstrap.rollouts_per_query=4",
-              "--set", "bootstrap.steps=2", "--set", "bootstrap.batch_size=2"], project)
-    assert r.exit_code == 0, r.output
-    r = _cli(["train", "--method", "b-grto", "--steps", "2", "--set", "train.queries_per_step=2",
-              "--set", "train.sampling.group_size=4", "--set", "train.sampling.max_new_tokens=32",
-              "--set", "train.eval_every=0", "--set", "train.checkpoint_every=1", "--set", "train.micro_batch=4"],
-             project)
-    assert r.exit_code == 0, r.output
-    trained, boot = (load_tool(project / d / "tool") for d in ("models/trained", "models/bootstrap"))
-    assert trained.kind == "sam2"
-    assert any(not torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
-                                                     boot.model.state_dict().values())), "b-grto trained the tool"
-    r = _cli(["export", "--checkpoint", "models/trained", "--out", "bundles/sam2"], project)
-    assert r.exit_code == 0, r.output
-    assert yaml.safe_load((project / "bundles/sam2/grto.yaml").read_text())["tool"]["kind"] == "sam2"
-    image = next((project / "data/prepared/synthetic").rglob("*.png"))
-    result = predict(str(project / "bundles/sam2"), str(image), "the red circle", str(project / "mask.png"), "cpu")
-    assert result["tool_kind"] == "sam2" and (project / "mask.png").is_file()

@@ -143,3 +143,9 @@ def test_only_prompt_encoder_and_mask_decoder_train(sam_dir):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert model.shared_image_embedding.positional_embedding.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in named if id(p) not in trainable)
+
+
+def test_a_transformers_without_the_model_gets_an_error_naming_the_version_needed(monkeypatch):
+    monkeypatch.setattr(SamHfTool, "classes", ("NoSuchSamModel", "SamProcessor", "SamImageProcessor"))
+    with pytest.raises(ImportError, match=r"sam-hf tool needs transformers with NoSuchSamModel \(transformers >= 4\.29\)"):
+        SamHfTool.transformers_classes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,20 @@ def test_the_shipped_base_is_what_todays_pretrain_params_train(prepared):
     assert sum(p.numel() for p in policy.model.parameters()) == record["results"]["policy_parameters"]
 
 
+def run_bounded(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` whose time limit kills the command's whole process group: a pretrain that
+    trains instead of copying starts SAM's warm-up in a child process, which must not outlive the test."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_pretrain_copies_the_shipped_base_only_when_it_matches(prepared):
     def pretrain(*sets):
         old = os.getcwd()
@@ -64,9 +79,8 @@ def test_pretrain_copies_the_shipped_base_only_when_it_matches(prepared):
 
     # In a subprocess with a time limit: a copy takes seconds, a stage that trained instead would
     # take the 33 minutes of the real warm-up.
-    copied = subprocess.run([sys.executable, "-m", "grto_cli.cli", "pretrain", "--set", "pretrain.out=models/copied",
-                             "--set", "pretrain.live=live/copied"], cwd=prepared, capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    copied = run_bounded([sys.executable, "-m", "grto_cli.cli", "pretrain", "--set", "pretrain.out=models/copied",
+                          "--set", "pretrain.live=live/copied"], prepared, timeout=180)
     assert copied.returncode == 0, copied.stderr[-2000:]
     for f in ("policy/model.safetensors", "tool/sam.pt", "run.json"):
         assert (prepared / "models/copied" / f).read_bytes() == (SHIPPED_BASE / f).read_bytes()

@@ -66,6 +66,8 @@ def prepare(
     raw: Optional[str] = typer.Option(None, help="Root of the raw dataset on local disk (real datasets)."),
     out: Optional[str] = typer.Option(None, help="Output directory (default data/prepared/<dataset>)."),
     seed: Optional[int] = typer.Option(None, help="Seed (synthetic)."),
+    look: Optional[str] = typer.Option(None, help="synthetic: plain | camo (the same scenes, each shape blended "
+                                                  "into its surroundings; default out data/prepared/synthetic-camo)."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on any skipped item instead of skip-and-count."),
     query_kind: Optional[str] = typer.Option(None, help="reasonseg: short | long | all."),
     keep_empty: Optional[bool] = typer.Option(None, "--keep-empty/--no-keep-empty",
@@ -75,8 +77,8 @@ def prepare(
     """Read a dataset from its published on-disk layout into normalised JSONL manifests."""
     from grto_cli.stages import prepare as stage
 
-    _run(stage.run, params, set_, dataset=dataset, raw=raw, out=out, seed=seed, strict=strict, query_kind=query_kind,
-         keep_empty=keep_empty)
+    _run(stage.run, params, set_, dataset=dataset, raw=raw, out=out, seed=seed, look=look, strict=strict,
+         query_kind=query_kind, keep_empty=keep_empty)
 
 
 @app.command()

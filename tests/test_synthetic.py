@@ -97,3 +97,54 @@ def test_pick_queries_covers_different_shapes_before_repeating_one():
         chosen = pick_queries(np.random.default_rng(seed), queries, 2)
         assert {q.target for q in chosen} == {0, 1}
         assert len(pick_queries(np.random.default_rng(seed), queries, 10)) == 6  # never more than there are
+
+
+def _prepare_look(tmp_path, name, look, seed=0):
+    out = tmp_path / name
+    result = CliRunner().invoke(app, ["prepare", "synthetic", "--out", str(out), "--seed", str(seed), "--look", look,
+                                      "--set", f"prepare.sizes={SIZES}",
+                                      "--set", "prepare.queries_per_image={train: 4}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_camo_look_draws_the_plain_scenes_targets_and_queries_in_other_pixels(tmp_path):
+    plain, camo = _prepare_look(tmp_path, "plain", "plain"), _prepare_look(tmp_path, "camo", "camo")
+    for split in ("train", "val", "testA", "testB"):
+        a, _ = read_manifest(plain / f"{split}.jsonl")
+        b, _ = read_manifest(camo / f"{split}.jsonl")
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert (x.id, x.image, x.query, x.mask, x.bbox) == (y.id, y.image, y.query, y.mask, y.bbox)
+            assert y.meta == {**x.meta, "look": "camo"} and "look" not in x.meta
+        images = sorted({r.image for r in a})
+        for rel in images:  # every image redrawn, none the same
+            assert (plain / rel).read_bytes() != (camo / rel).read_bytes()
+    # byte-identical across runs, and the plain look is what `prepare synthetic` always wrote
+    assert _digest(_prepare_look(tmp_path, "camo2", "camo")) == _digest(camo)
+    assert _digest(_prepare(tmp_path, "default")) != _digest(camo)
+    plain_default = _prepare(tmp_path, "plain_default")
+    assert (plain_default / "val.jsonl").read_bytes() == (plain / "val.jsonl").read_bytes()
+
+
+def test_a_camo_shape_blends_into_its_surroundings():
+    """In the plain look a shape's colour stands out from the grey around it; in the camo look its
+    surroundings hold the same colour (the texture's blotches), and its edge has no crisp step."""
+    from PIL import Image, ImageFilter
+
+    from grto_cli.core.data.synthetic import COLORS, render_camo, visible_masks
+
+    shapes = [Shape("square", "red", 20, 20, 8), Shape("circle", "blue", 44, 40, 9), Shape("triangle", "red", 44, 14, 7)]
+    plain, masks = render_scene(shapes, 64, 200)
+    camo = render_camo(shapes, 64, 200, np.random.default_rng(3)).astype(np.float32)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, visible_masks(shapes, 64)))
+    inside = masks[0]
+    ring = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(9))) > 0
+    ring &= ~np.any(masks, axis=0)  # background pixels within 4 px of the red square
+
+    def contrast(image):
+        return float(np.abs(image[inside].mean(0) - image[ring].mean(0)).sum())
+    assert contrast(camo) < 0.5 * contrast(plain.astype(np.float32))
+    red = np.asarray(COLORS["red"], np.float32)
+    near_red = np.linalg.norm(camo - red, axis=-1) < 80
+    assert near_red[~np.any(masks, axis=0)].mean() > 0.05  # the named colour also lies outside the shapes

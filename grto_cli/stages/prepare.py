@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grto_cli.core.data.records import DataError, Record, SkipReport, write_manifest
-from grto_cli.core.data.synthetic import SPLITS, generate_split
+from grto_cli.core.data.synthetic import LOOKS, SPLITS, generate_split
 from grto_cli.core.io import atomic_dir, write_json
 from grto_cli.stages.console import console, progress_bar, summary_table
 from grto_cli.stages.params import stage_config
@@ -16,11 +16,14 @@ from grto_cli.stages.record import write_run_record
 @dataclass
 class PrepareConfig:
     dataset: str = "synthetic"
-    out: str | None = None  # default data/prepared/<dataset>
+    out: str | None = None  # default data/prepared/<dataset> (synthetic in a look other than plain: synthetic-<look>)
     raw: str | None = None  # raw data root (real datasets)
     seed: int = 0
     strict: bool = False  # any skipped item fails the stage
     image_size: int = 64  # synthetic
+    # synthetic: how the scenes are drawn: plain, or camo (the same scenes, queries and masks, each
+    # shape blended into a texture of the scene's colours: a tool trained on plain must adapt)
+    look: str = "plain"
     # synthetic: records asked of each scene, per split (1 where a split is not named): several
     # queries on one image, about different shapes, teach the policy to read the query
     queries_per_image: dict = field(default_factory=dict)
@@ -44,7 +47,7 @@ def _synthetic(cfg: PrepareConfig, out: Path) -> dict[str, tuple[list[Record], S
     with progress_bar("generating synthetic scenes", len(wanted)) as advance:
         for split in wanted:
             records = generate_split(split, int(cfg.sizes[split]), cfg.seed, cfg.image_size, out,
-                                     queries_per_image=int(cfg.queries_per_image.get(split, 1)))
+                                     queries_per_image=int(cfg.queries_per_image.get(split, 1)), look=cfg.look)
             report = SkipReport(kept=len(records))
             result[split] = (records, report)
             advance(1, split)
@@ -70,9 +73,19 @@ def _fail_on_skips(dataset: str, result: dict[str, tuple[list[Record], SkipRepor
         raise DataError(f"--strict: {len(lines)} item(s) of {dataset} could not be used:\n" + "\n".join(lines))
 
 
+def default_out(cfg: PrepareConfig) -> Path:
+    name = cfg.dataset if cfg.look == "plain" else f"{cfg.dataset}-{cfg.look}"
+    return Path(f"data/prepared/{name}")
+
+
 def run(params: str | None, overrides: list[str] | None = None, **explicit) -> dict:
     cfg = stage_config(PrepareConfig, params, "prepare", overrides, **explicit)
-    out = Path(cfg.out or f"data/prepared/{cfg.dataset}")
+    if cfg.look not in LOOKS:
+        raise DataError(f"prepare.look {cfg.look!r}: expected one of {list(LOOKS)}")
+    if cfg.look != "plain" and cfg.dataset != "synthetic":
+        raise DataError(f"prepare.look {cfg.look!r} draws synthetic scenes; {cfg.dataset} is read as it is on disk "
+                        f"(use look: plain)")
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
     with atomic_dir(out) as tmp:
         result = _synthetic(cfg, tmp) if cfg.dataset == "synthetic" else _real(cfg)
         if cfg.strict:
@@ -86,7 +99,7 @@ def run(params: str | None, overrides: list[str] | None = None, **explicit) -> d
         write_json(tmp / "report.json", summary)
         write_run_record(tmp / "run.json", "prepare", cfg, {"raw": cfg.raw} if cfg.raw else {},
                          results={s: {"kept": r["kept"], "skipped": r["skipped"]} for s, r in summary.items()})
-    row = {"dataset": cfg.dataset, "out": str(out)}
+    row = {"dataset": cfg.dataset + (f" ({cfg.look})" if cfg.look != "plain" else ""), "out": str(out)}
     row.update({split: f"{r['kept']} (+{r['skipped']} skipped)" if r["skipped"] else r["kept"]
                 for split, r in summary.items()})
     summary_table("prepare", row)

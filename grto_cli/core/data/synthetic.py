@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from grto_cli.core.data.records import QUERY_KIND, Record, record_from_mask
 
@@ -103,17 +103,69 @@ def background_image(size: int, level: int) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8))
 
 
+def _layer(shape: Shape, size: int) -> np.ndarray:
+    """The shape's own pixels (size, size) as uint8 0/255, as it is painted."""
+    layer = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(layer), shape, 255)
+    return np.asarray(layer)
+
+
+def visible_masks(shapes: list[Shape], size: int) -> list[np.ndarray]:
+    """Each shape's visible pixels when painted in order (later shapes occlude earlier ones)."""
+    owner = np.full((size, size), -1, dtype=np.int16)
+    for i, shape in enumerate(shapes):
+        owner[_layer(shape, size) > 0] = i
+    return [owner == i for i in range(len(shapes))]
+
+
 def render_scene(shapes: list[Shape], size: int, background: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Paint shapes in order; return the RGB image and each shape's visible mask."""
     canvas = background_image(size, background)
     draw = ImageDraw.Draw(canvas)
-    owner = np.full((size, size), -1, dtype=np.int16)
-    for i, shape in enumerate(shapes):
+    for shape in shapes:
         _draw_shape(draw, shape, COLORS[shape.color])
-        layer = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(layer), shape, 255)
-        owner[np.asarray(layer) > 0] = i  # later shapes occlude earlier ones
-    return np.asarray(canvas), [owner == i for i in range(len(shapes))]
+    return np.asarray(canvas), visible_masks(shapes, size)
+
+
+# The "camo" look (``LOOKS``): the same scenes drawn so that each shape blends with its surroundings.
+LOOKS = ("plain", "camo")
+CAMO_CELL = 8  # pixels per blotch of the camouflage texture
+CAMO_NOISE = 12.0  # std of the per-pixel grain over the whole image, shapes included
+CAMO_GREY = 0.5  # share of the texture's cells in the background's grey; the rest take the shapes' colours
+CAMO_ALPHA = 0.7  # a shape pixel's share of its own colour; the rest is the texture beneath it
+CAMO_EDGE = 1.0  # Gaussian blur radius of a shape's edge (no crisp outline to find)
+CAMO_STREAM = 1  # the texture's seed stream: [seed, split, image, CAMO_STREAM], apart from the scenes'
+LOOK = "look"  # meta key of a record drawn in a look other than plain
+
+
+def camo_texture(rng: np.random.Generator, shapes: list[Shape], size: int, background: int) -> np.ndarray:
+    """(size, size, 3) float32: blotches in the scene's own colours (every shape's colour and the
+    background's grey, bilinearly blended between cells), lit as the plain background is: each colour
+    a query names also lies around the shapes."""
+    palette = np.asarray([COLORS[s.color] for s in shapes], np.float32)  # (n, 3)
+    cells = -(-size // CAMO_CELL) + 1
+    grey = rng.random((cells, cells)) < CAMO_GREY
+    pick = rng.integers(0, len(palette), (cells, cells))  # the shape whose colour a coloured cell takes
+    blotches = np.where(grey[..., None], np.float32(background), palette[pick])
+    up = np.stack([np.asarray(Image.fromarray(blotches[..., c]).resize((size, size), Image.BILINEAR))
+                   for c in range(3)], axis=-1)
+    lit = np.asarray(background_image(size, background), np.float32) - background  # the light's ramp
+    return up + lit
+
+
+def render_camo(shapes: list[Shape], size: int, background: int, rng: np.random.Generator) -> np.ndarray:
+    """The scene's camouflaged RGB image: the texture, then each shape in order as its colour mixed
+    with the texture beneath (``CAMO_ALPHA``), its edge softened, then one grain over all of it (a
+    shape is no smoother than its surroundings). Its masks are ``visible_masks``'s: the plain look's."""
+    texture = camo_texture(rng, shapes, size, background)  # (size, size, 3)
+    image = texture.copy()
+    for shape in shapes:
+        alpha = np.asarray(Image.fromarray(_layer(shape, size)).filter(ImageFilter.GaussianBlur(CAMO_EDGE)),
+                           np.float32)[..., None] / 255.0  # (size, size, 1)
+        fill = CAMO_ALPHA * np.asarray(COLORS[shape.color], np.float32) + (1 - CAMO_ALPHA) * texture
+        image = (1 - alpha) * image + alpha * fill
+    image = image + rng.normal(0.0, CAMO_NOISE, (size, size, 1)).astype(np.float32)
+    return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
 def _sample_shapes(rng: np.random.Generator, size: int, n: int) -> list[Shape]:
@@ -203,11 +255,18 @@ def pick_queries(rng: np.random.Generator, queries: list[Query], k: int) -> list
 
 
 def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
-                   min_shapes: int = 3, max_shapes: int = 5, queries_per_image: int = 1) -> list[Record]:
+                   min_shapes: int = 3, max_shapes: int = 5, queries_per_image: int = 1,
+                   look: str = "plain") -> list[Record]:
     """Generate ``n`` records for one split, writing images under ``out_dir/images/<split>``;
-    each image is asked up to ``queries_per_image`` queries (one record each)."""
+    each image is asked up to ``queries_per_image`` queries (one record each).
+
+    ``look`` "camo" draws the same scenes, queries and masks (the scene stream is untouched: the
+    texture's noise has a stream of its own per image), each shape blended into a texture of the
+    scene's colours (``render_camo``); its records carry ``meta["look"] = "camo"``."""
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
+    if look not in LOOKS:
+        raise ValueError(f"unknown synthetic look {look!r}; expected one of {LOOKS}")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -222,11 +281,15 @@ def generate_split(split: str, n: int, seed: int, size: int, out_dir: Path,
             continue
         chosen = pick_queries(rng, queries, min(queries_per_image, n - len(records)))
         rel = f"images/{split}/{n_images:05d}.png"
+        if look == "camo":
+            image = render_camo(shapes, size, background, np.random.default_rng([seed, SPLITS.index(split), n_images,
+                                                                                 CAMO_STREAM]))
         n_images += 1
         Image.fromarray(image).save(out_dir / rel, optimize=False)
         for query in chosen:
             i = len(records)
             records.append(record_from_mask(
                 f"synthetic-{split}-{i:05d}", rel, query.text, masks[query.target], "synthetic", split,
-                meta={QUERY_KIND: query.kind, "composition": query.composition}))
+                meta={QUERY_KIND: query.kind, "composition": query.composition,
+                      **({LOOK: look} if look != "plain" else {})}))
     return records

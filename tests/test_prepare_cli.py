@@ -39,3 +39,12 @@ def test_corrupt_image_is_skipped_and_counted_or_fails_under_strict(tmp_path, mo
     assert r.exit_code == 2
     assert "COD10K-CAM-3-Flying-53-Bird-7" in r.output and "--strict" in r.output
     assert not (tmp_path / "data/prepared/cod10k").exists()  # nothing half-written
+
+
+def test_a_look_other_than_plain_is_for_synthetic_scenes_only(tmp_path, monkeypatch):
+    r = _prepare(tmp_path, monkeypatch, "synthetic", "--look", "foggy")
+    assert r.exit_code == 2 and "prepare.look 'foggy'" in r.output and "camo" in r.output
+    make_cod10k(tmp_path / "raw")
+    r = _prepare(tmp_path, monkeypatch, "cod10k", "--raw", str(tmp_path / "raw"), "--look", "camo")
+    assert r.exit_code == 2 and "draws synthetic scenes" in r.output and "cod10k" in r.output
+    assert not (tmp_path / "data/prepared").exists()

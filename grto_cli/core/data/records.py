@@ -24,6 +24,8 @@ QUERY_KIND = "query_kind"
 # meta key of a deliberate no-target sample (EarthReason's, kept with `prepare.keep_empty`): its mask
 # is empty and it is scored by LISA's rule (an empty prediction on an empty target has IoU 1).
 EMPTY_TARGET = "empty_target"
+# meta key of a synthetic record drawn in a look other than plain (`prepare.look`: camo)
+LOOK = "look"
 OnError = Literal["skip", "fail"]
 
 

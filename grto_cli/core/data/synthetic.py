@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from grto_cli.core.data.records import QUERY_KIND, Record, record_from_mask
+from grto_cli.core.data.records import LOOK, QUERY_KIND, Record, record_from_mask
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -135,7 +135,6 @@ CAMO_GREY = 0.5  # share of the texture's cells in the background's grey; the re
 CAMO_ALPHA = 0.7  # a shape pixel's share of its own colour; the rest is the texture beneath it
 CAMO_EDGE = 1.0  # Gaussian blur radius of a shape's edge (no crisp outline to find)
 CAMO_STREAM = 1  # the texture's seed stream: [seed, split, image, CAMO_STREAM], apart from the scenes'
-LOOK = "look"  # meta key of a record drawn in a look other than plain
 
 
 def camo_texture(rng: np.random.Generator, shapes: list[Shape], size: int, background: int) -> np.ndarray:
